@@ -1,0 +1,7 @@
+"""Ignite handlers and output transforms usable from bundle configs."""
+
+from __future__ import annotations
+
+from .progress import ProgressBar, stacked
+
+__all__ = ["ProgressBar", "stacked"]
