@@ -45,7 +45,9 @@ def _import_seconds(module: str, repeats: int) -> float:
 def import_time(quick: bool) -> dict[str, Any]:
     """``import monai_kdx`` (and its shared core) against ``import torch`` and ``import monai``."""
     repeats = 3 if quick else 7
-    seconds = {m: _import_seconds(m, repeats) for m in ("torch", "monai", "monai_kdx", "monai_kdx.networks", "monai_kdx.data")}
+    seconds = {
+        m: _import_seconds(m, repeats) for m in ("torch", "monai", "monai_kdx", "monai_kdx.networks", "monai_kdx.data")
+    }
     return {
         "seconds": seconds,
         "ratio_monai_kdx_to_torch": seconds["monai_kdx"] / seconds["torch"],

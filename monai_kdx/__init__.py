@@ -16,7 +16,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("cli", "data", "networks", "registry", "tracking")
+_SUBMODULES = ("cli", "data", "explain", "handlers", "networks", "pipeline", "registry", "tracking")
 
 __all__ = ["__version__", *_SUBMODULES]
 

@@ -93,7 +93,9 @@ def run_bundle(
     )
 
 
-def run_teacher_demo(output_dir: str | os.PathLike = "runs/demo", quick: bool = False, **overrides: Any) -> list[StageResult]:
+def run_teacher_demo(
+    output_dir: str | os.PathLike = "runs/demo", quick: bool = False, **overrides: Any
+) -> list[StageResult]:
     """Generate the default 3D dataset, train the teacher bundle, evaluate it on the test split.
 
     Args:

@@ -51,7 +51,9 @@ def latest_run(tracking_uri: str, experiment_name: str, run_name: str | None = N
     if experiment is None:
         raise LookupError(f"no MLflow experiment {experiment_name!r} at {tracking_uri}.")
     query = f"attributes.run_name = '{run_name}'" if run_name else ""
-    runs = client.search_runs([experiment.experiment_id], filter_string=query, order_by=["start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=query, order_by=["start_time DESC"], max_results=1
+    )
     if not runs:
         raise LookupError(f"no run{f' named {run_name!r}' if run_name else ''} in experiment {experiment_name!r}.")
     return runs[0]

@@ -1,0 +1,92 @@
+"""Teacher bundles end to end: real `python -m monai.bundle run`, real NIfTI files, a real MLflow
+SQLite store read back with MlflowClient; metadata verified against the bundle schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from mlflow.tracking import MlflowClient
+
+from monai_kdx.tracking import latest_run, run_summary
+
+TINY = ["--n_samples", "12", "--spatial_size", "32", "--max_epochs", "2", "--batch_size", "4"]
+
+
+def _bundle_run(bundle: str, configs: list[str], tmp_path, env, *extra: str) -> subprocess.CompletedProcess:
+    root = REPO / "bundles" / bundle
+    files = [str(root / "configs" / name) for name in configs]
+    command = [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", files[0] if len(files) == 1 else repr(files),
+        "--meta_file", str(root / "configs" / "metadata.json"),
+        "--logging_file", str(root / "configs" / "logging.conf"),
+        "--bundle_root", str(root),
+        "--output_dir", str(tmp_path / "runs"),
+        "--dataset_dir", str(tmp_path / "data"),
+        *TINY, *extra,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_brain_mri_3d_teacher_train_then_evaluate_tracked_in_mlflow(tmp_path, subprocess_env):
+    _bundle_run("brain_mri_3d", ["train_teacher.yaml"], tmp_path, subprocess_env)
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"
+    train = run_summary(uri, latest_run(uri, "brain_mri_3d", "train_teacher"))
+    assert train["status"] == "FINISHED"
+    assert train["params"]["n_samples"] == "12" and train["params"]["dataset_kind"] == "brain-mri-3d"
+    assert train["params"]["max_epochs"] == "2"
+    assert {"train_loss", "train_accuracy", "val_accuracy"} <= set(train["metrics"])
+    assert {"model.pt", "model_final.pt"} <= set(train["artifacts"])
+    history = MlflowClient(uri).get_metric_history(train["run_id"], "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]  # one value per epoch
+    # the artifact store sits next to the database, not in the working directory
+    assert str(tmp_path / "runs" / "mlruns") in train["artifact_uri"]
+    assert not (tmp_path / "mlruns").exists()
+
+    state = torch.load(tmp_path / "runs" / "models" / "model_final.pt", weights_only=True)
+    assert state["class_layers.out.weight"].shape[0] == 4
+
+    _bundle_run("brain_mri_3d", ["train_teacher.yaml", "evaluate.yaml"], tmp_path, subprocess_env)
+    test = run_summary(uri, latest_run(uri, "brain_mri_3d", "evaluate_teacher"))
+    assert 0.0 <= test["metrics"]["test_accuracy"] <= 1.0
+    assert "test_predictions.csv" in test["artifacts"]
+    datalist = json.loads((tmp_path / "data" / "datalist.json").read_text())
+    rows = (tmp_path / "runs" / "predictions" / "test_predictions.csv").read_text().strip().splitlines()
+    assert len(rows) == len(datalist["test"])
+
+
+@pytest.mark.slow
+def test_chest_xray_2d_teacher_with_monai_tracking_flag(tmp_path, subprocess_env):
+    """`--tracking mlflow` (MONAI's own settings) attaches to the same run as the default handlers."""
+    _bundle_run("chest_xray_2d", ["train_teacher.yaml"], tmp_path, subprocess_env, "--tracking", "mlflow")
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("chest_xray_2d")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_name for r in runs] == ["train_teacher"]
+    summary = run_summary(uri, runs[0])
+    assert summary["params"]["dataset_kind"] == "chest-xray-2d"
+    assert "val_accuracy" in summary["metrics"]
+    assert any(name.startswith("config_") and name.endswith(".json") for name in summary["artifacts"])
+
+
+@pytest.mark.parametrize("bundle", ["brain_mri_3d", "chest_xray_2d"])
+def test_metadata_verifies_and_a_broken_one_fails(bundle, tmp_path):
+    from monai.bundle import verify_metadata
+
+    meta = REPO / "bundles" / bundle / "configs" / "metadata.json"
+    schema = str(REPO / "bundles" / "meta_schema.json")
+    verify_metadata(meta_file=str(meta), filepath=schema)  # raises on any violation
+    broken = json.loads(meta.read_text())
+    del broken["network_data_format"]["inputs"]["image"]["num_channels"]
+    (tmp_path / "metadata.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="num_channels"):
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=schema)
