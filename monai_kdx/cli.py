@@ -60,6 +60,7 @@ def _demo(args: argparse.Namespace) -> int:
             print(f"| {stage.name} | {key} | {value:.4f} | {stage.seconds:.1f} |")
     print()
     print(f"teacher test accuracy: {test.metrics['test_accuracy']:.4f}")
+    print(f"dataset preview: {train.extras['preview']}")
     print(f"MLflow runs: experiment {test.experiment_name!r}, runs {train.run_name!r} and {test.run_name!r}")
     print(f"open them with: mlflow ui --backend-store-uri {test.tracking_uri}")
     return 0

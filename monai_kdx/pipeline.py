@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLES_DIR", "bundle_path", "run_bundle", "StageResult", "run_teacher_demo"]
+__all__ = ["BUNDLES_DIR", "bundle_path", "run_bundle", "StageResult", "run_teacher_demo", "log_dataset_preview"]
 
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 
@@ -49,7 +50,7 @@ class StageResult:
 def run_bundle(
     bundle: str,
     configs: list[str],
-    engine_id: str,
+    engine_ids: Sequence[str],
     **overrides: Any,
 ) -> StageResult:
     """Run bundle configs (later files override earlier ones) with MONAI's ``ConfigWorkflow``.
@@ -59,7 +60,7 @@ def run_bundle(
     Args:
         bundle: the bundle's name in ``bundles/``.
         configs: config file names inside the bundle's ``configs/`` folder.
-        engine_id: the config id of the engine whose ``state.metrics`` are returned.
+        engine_ids: config ids of the engines whose final ``state.metrics`` are returned (merged).
         overrides: config values to override (``bundle_root`` defaults to the bundle's folder).
 
     Returns:
@@ -79,12 +80,12 @@ def run_bundle(
     start = time.perf_counter()
     workflow.initialize()
     workflow.run()
-    engine = workflow.parser.get_parsed_content(engine_id)
-    workflow.finalize()
     parsed = workflow.parser.get_parsed_content
+    metrics = {key: float(value) for engine in map(parsed, engine_ids) for key, value in engine.state.metrics.items()}
+    workflow.finalize()
     return StageResult(
         name=Path(configs[-1]).stem,
-        metrics={key: float(value) for key, value in engine.state.metrics.items()},
+        metrics=metrics,
         tracking_uri=parsed("tracking_uri"),
         experiment_name=parsed("experiment_name"),
         run_name=parsed("run_name"),
@@ -113,6 +114,25 @@ def run_teacher_demo(
         **(QUICK_OVERRIDES if quick else {}),
         **overrides,
     }
-    train = run_bundle("brain_mri_3d", ["train_teacher.yaml"], "train#trainer", **settings)
-    test = run_bundle("brain_mri_3d", ["train_teacher.yaml", "evaluate.yaml"], "evaluator", **settings)
+    train = run_bundle("brain_mri_3d", ["train_teacher.yaml"], ["train#trainer", "validate#evaluator"], **settings)
+    train.extras["preview"] = log_dataset_preview(train)
+    test = run_bundle("brain_mri_3d", ["train_teacher.yaml", "evaluate.yaml"], ["evaluator"], **settings)
     return [train, test]
+
+
+def log_dataset_preview(stage: StageResult) -> str:
+    """Draw one training sample per class (image, lesion outline, gaze) and log it to the stage's run.
+
+    Returns:
+        The path of the PNG written to the stage's output folder.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from monai_kdx.tracking import latest_run
+    from monai_kdx.visualize import datalist_preview
+
+    path = os.path.join(stage.extras["output_dir"], "dataset_preview.png")
+    datalist_preview(stage.extras["datalist"], path)
+    run = latest_run(stage.tracking_uri, stage.experiment_name, stage.run_name)
+    MlflowClient(stage.tracking_uri).log_artifact(run.info.run_id, path)
+    return path

@@ -1,0 +1,151 @@
+"""Figures: 2D overlays and, for 3D, orthogonal slices through a point of interest.
+
+One place for drawing images with masks and heatmaps on top, shared by the dataset preview and the
+explanation figures.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["focus_point", "planes", "draw_overlay", "dataset_preview", "datalist_preview"]
+
+PLANE_NAMES = ("axial", "coronal", "sagittal")
+
+
+def focus_point(shape: Sequence[int], focus: np.ndarray | None = None) -> tuple[int, ...]:
+    """The point to slice through: the centre of mass of a non-empty binary ``focus``, the maximum
+    of a non-binary one, or the array centre.
+
+    Args:
+        shape: spatial shape, (H, W) or (H, W, D).
+        focus: optional array of that shape (a mask or a heatmap).
+    """
+    if focus is not None and np.any(focus > 0):
+        values = np.asarray(focus, dtype=np.float64)
+        if np.isin(values, (0.0, 1.0)).all():
+            return tuple(int(round(c)) for c in np.argwhere(values > 0).mean(axis=0))
+        return tuple(int(i) for i in np.unravel_index(np.argmax(values), values.shape))
+    return tuple(s // 2 for s in shape)
+
+
+def planes(array: np.ndarray, point: Sequence[int]) -> list[np.ndarray]:
+    """2D views of ``array`` through ``point``, oriented for :func:`draw_overlay`: in 2D the array
+    itself ((row, column) order, drawn with the origin at the top); in 3D (NIfTI index order) the
+    axial (fixed last axis), coronal (fixed second axis) and sagittal (fixed first axis) slices,
+    transposed so that they are drawn with the origin at the bottom.
+
+    Args:
+        array: (H, W) or (H, W, D).
+        point: a spatial index of the same dimensionality.
+    """
+    if array.ndim == 2:
+        return [array]
+    i, j, k = point
+    return [array[:, :, k].T, array[:, j, :].T, array[i, :, :].T]
+
+
+def draw_overlay(
+    ax: Any,
+    image: np.ndarray,
+    mask: np.ndarray | None = None,
+    heatmap: np.ndarray | None = None,
+    title: str | None = None,
+    alpha: float = 0.45,
+    origin: str = "lower",
+) -> None:
+    """Draw a 2D image in grey, a heatmap in colour on top, and a mask's outline in red.
+
+    Args:
+        ax: a matplotlib axes.
+        image: (H, W) image.
+        mask: (H, W) binary mask, drawn as a contour.
+        heatmap: (H, W) map in any range, min-max scaled for display.
+        title: panel title.
+        alpha: heatmap opacity.
+        origin: ``"upper"`` for 2D images in (row, column) order, ``"lower"`` for slices from :func:`planes`
+            of a 3D volume.
+    """
+    ax.imshow(image, cmap="gray", origin=origin)
+    if heatmap is not None and np.ptp(heatmap) > 0:
+        scaled = (heatmap - heatmap.min()) / np.ptp(heatmap)
+        ax.imshow(np.ma.masked_less(scaled, 0.05), cmap="jet", alpha=alpha, origin=origin, vmin=0, vmax=1)
+    if mask is not None and np.any(mask):
+        ax.contour(mask.astype(float), levels=[0.5], colors="red", linewidths=0.8)
+    if title:
+        ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def dataset_preview(samples: Sequence[Any], path: str | os.PathLike | None = None, per_class: int = 1) -> Any:
+    """A grid with ``per_class`` samples of each class: the image, the lesion outline (red) and the
+    simulated gaze heatmap; 3D samples are shown as orthogonal slices through the lesion.
+
+    Args:
+        samples: :class:`monai_kdx.data.SyntheticSample` objects (2D or 3D).
+        path: where to save the PNG (optional).
+        per_class: samples shown for each class.
+
+    Returns:
+        The matplotlib figure.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    chosen: list[Any] = []
+    for label in sorted({s.label for s in samples}):
+        chosen += [s for s in samples if s.label == label][:per_class]
+    if not chosen:
+        raise ValueError("dataset_preview needs at least one sample.")
+    views = 1 if chosen[0].image.ndim == 2 else 3
+    columns = views + 1
+    fig, axes = plt.subplots(len(chosen), columns, figsize=(2.2 * columns, 2.2 * len(chosen)), squeeze=False)
+    for row, sample in zip(axes, chosen, strict=True):
+        point = focus_point(sample.image.shape, sample.mask if np.any(sample.mask) else sample.gaze)
+        images = planes(sample.image, point)
+        masks, gazes = planes(sample.mask, point), planes(sample.gaze, point)
+        origin = "upper" if views == 1 else "lower"
+        draw_overlay(row[0], images[0], title=f"{sample.class_name} (#{sample.index})", origin=origin)
+        names = PLANE_NAMES if views == 3 else ("mask + gaze",)
+        for ax, name, image, mask, gaze in zip(row[1:], names, images, masks, gazes, strict=True):
+            draw_overlay(ax, image, mask, gaze, title=name, origin=origin)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
+
+
+def datalist_preview(
+    datalist: str | os.PathLike, path: str | os.PathLike | None = None, section: str = "training", per_class: int = 1
+) -> Any:
+    """:func:`dataset_preview` of a dataset on disk, read back from its NIfTI files.
+
+    Args:
+        datalist: a datalist JSON written by :func:`monai_kdx.data.write_dataset`.
+        path: where to save the PNG (optional).
+        section: the datalist section to draw from.
+        per_class: samples shown for each class.
+    """
+    from types import SimpleNamespace
+
+    import nibabel as nib
+
+    from monai_kdx.data import load_datalist
+
+    counts: dict[int, int] = {}
+    samples = []
+    for index, entry in enumerate(load_datalist(datalist, section)):
+        label = int(entry["label"])
+        if counts.get(label, 0) >= per_class:
+            continue
+        counts[label] = counts.get(label, 0) + 1
+        arrays = {key: np.asarray(nib.load(entry[key]).dataobj) for key in ("image", "mask", "gaze")}
+        samples.append(SimpleNamespace(**arrays, label=label, class_name=entry.get("class_name", label), index=index))
+    return dataset_preview(samples, path, per_class)
