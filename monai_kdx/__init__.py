@@ -16,7 +16,18 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("cli", "data", "explain", "handlers", "networks", "pipeline", "registry", "tracking")
+_SUBMODULES = (
+    "cli",
+    "data",
+    "engines",
+    "explain",
+    "handlers",
+    "losses",
+    "networks",
+    "pipeline",
+    "registry",
+    "tracking",
+)
 
 __all__ = ["__version__", *_SUBMODULES]
 

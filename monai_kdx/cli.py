@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"make-dataset": _make_dataset, "demo": _demo}
     try:
         return handlers[args.command](args)
-    except (ValueError, KeyError, FileExistsError, FileNotFoundError, PermissionError) as error:
+    except (ValueError, KeyError, OSError) as error:  # bad input: a clear message, no traceback
         print(f"monai-kdx {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -141,7 +141,7 @@ class Registry:
 DATASETS = Registry("dataset", builtin_modules=("monai_kdx.data.synthetic",))
 EXPLAINERS = Registry("explainer")
 RELEVANCE_METHODS = Registry("relevance method")
-DISTILLATION_LOSSES = Registry("distillation loss")
+DISTILLATION_LOSSES = Registry("distillation loss", builtin_modules=("monai_kdx.losses.distillation",))
 SALIENCY_LOSSES = Registry("saliency loss")
 
 REGISTRIES: dict[str, Registry] = {

@@ -1,7 +1,17 @@
-"""Networks: feature capture by module path (shared by distillation, explanations and pruning)."""
+"""Networks: feature capture by module path (shared by distillation, explanations and pruning) and
+network introspection."""
 
 from __future__ import annotations
 
 from .capture import FeatureCapture, module_paths, resolve_module, unwrap_network
+from .introspect import load_weights, num_classes_of, spatial_dims_of
 
-__all__ = ["FeatureCapture", "module_paths", "resolve_module", "unwrap_network"]
+__all__ = [
+    "FeatureCapture",
+    "module_paths",
+    "resolve_module",
+    "unwrap_network",
+    "load_weights",
+    "num_classes_of",
+    "spatial_dims_of",
+]

@@ -71,12 +71,13 @@ class FeatureCapture(Mapping[str, Any]):
 
     Args:
         network: the model (a DDP/DataParallel wrapper is unwrapped; ``module.`` prefixes accepted).
-        layers: dotted module paths, e.g. ``["features.denseblock1", "features.transition2.conv"]``.
+        layers: dotted module paths, e.g. ``["features.denseblock1", "features.transition2.conv"]`` (an
+            empty list captures nothing).
         capture: ``"output"`` for what the module returns, ``"input"`` for its first positional input.
         detach: store detached tensors (cheaper when no gradient is needed through them).
 
     Raises:
-        ValueError: an unknown path (with close matches), an empty layer list, or a bad ``capture``.
+        ValueError: an unknown path (with close matches) or a bad ``capture``.
 
     Example:
         >>> with FeatureCapture(net, ["features.denseblock2", "features.denseblock4"]) as feats:
@@ -90,8 +91,6 @@ class FeatureCapture(Mapping[str, Any]):
         if capture not in ("output", "input"):
             raise ValueError(f"capture must be 'output' or 'input', got {capture!r}.")
         self.layers = [layers] if isinstance(layers, str) else list(layers)
-        if not self.layers:
-            raise ValueError("FeatureCapture needs at least one layer path.")
         self.modules = {path: resolve_module(network, path) for path in self.layers}
         self.capture = capture
         self.detach = detach

@@ -1,0 +1,143 @@
+"""DistillationTrainer: MONAI's ``SupervisedTrainer`` with a frozen teacher and a distillation loss.
+
+The training iteration is MONAI's own (AMP, gradient accumulation, events, decollation): the
+trainer only replaces the *inferer* with one that also runs the teacher and captures the layers the
+loss needs, and the *loss function* with one that evaluates the :class:`DistillationLoss` and puts
+every named part into ``engine.state.output`` (so handlers can log ``task``, ``kd``, ``feature``,
+``attention``, … next to ``loss``, the total).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from ignite.engine import EventEnum
+from monai.engines import SupervisedTrainer
+from monai.inferers import Inferer, SimpleInferer
+from torch import nn
+
+from monai_kdx.losses.distillation import DistillationLoss, DistillationTerm
+from monai_kdx.networks import FeatureCapture, num_classes_of, spatial_dims_of
+
+__all__ = ["DistillationTrainer", "DistillationEvents"]
+
+
+class DistillationEvents(EventEnum):
+    """Events a :class:`DistillationTrainer` fires in every iteration."""
+
+    TEACHER_FORWARD_COMPLETED = "teacher_forward_completed"
+
+
+class _TeacherStudentInferer:
+    """Runs the teacher (eval mode, no autograd, inside the caller's autocast context) and then the
+    student, capturing the layers the distillation loss needs from each."""
+
+    def __init__(self, inferer: Inferer, teacher: nn.Module, loss: DistillationLoss, trainer: DistillationTrainer):
+        self.inferer = inferer
+        self.teacher = teacher
+        self.student_layers = loss.student_layers
+        self.teacher_layers = loss.teacher_layers
+        self.trainer = trainer
+        self.student_outputs: dict[str, torch.Tensor] = {}
+        self.teacher_outputs: dict[str, torch.Tensor] = {}
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.teacher.eval()
+        with torch.no_grad(), FeatureCapture(self.teacher, self.teacher_layers, detach=True) as teacher_features:
+            teacher_logits = self.inferer(inputs, self.teacher, *args, **kwargs)
+        self.teacher_outputs = {"logits": teacher_logits, **teacher_features}
+        self.trainer.fire_event(DistillationEvents.TEACHER_FORWARD_COMPLETED)
+        with FeatureCapture(network, self.student_layers) as student_features:
+            student_logits = self.inferer(inputs, network, *args, **kwargs)
+        self.student_outputs = {"logits": student_logits, **student_features}
+        return student_logits
+
+
+class _DistillationObjective:
+    """The trainer's ``loss_function(pred, target)``: evaluates the distillation loss on the outputs
+    the inferer captured and records each part in ``engine.state.output``."""
+
+    def __init__(self, loss: DistillationLoss, inferer: _TeacherStudentInferer, trainer: DistillationTrainer):
+        self.loss = loss
+        self.inferer = inferer
+        self.trainer = trainer
+
+    def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        parts = self.loss(self.inferer.student_outputs, self.inferer.teacher_outputs, target)
+        output = self.trainer.state.output
+        for name, value in parts.items():
+            if name != "total":
+                output[name] = value.detach()
+        self.inferer.student_outputs, self.inferer.teacher_outputs = {}, {}  # free the captured maps
+        return parts["total"]
+
+
+class DistillationTrainer(SupervisedTrainer):
+    """Train a student ``network`` from a frozen ``teacher_network`` with a distillation loss.
+
+    Same arguments as :class:`monai.engines.SupervisedTrainer` (``train_handlers``,
+    ``key_train_metric``, ``max_epochs``, ``amp``, …), plus the teacher. The teacher is kept in eval
+    mode every iteration, runs without autograd in the student's autocast context, and is never
+    wrapped in DDP; checkpoint the student (and the loss, which holds any adapters), not the teacher.
+
+    Inputs are (B, C_in, H, W) or (B, C_in, H, W, D); the loss receives ``{"logits": (B, K), <layer>:
+    (B, C_l, *spatial_l)}`` for each network. ``engine.state.output`` holds ``loss`` (the total) and each
+    part by name, e.g. ``task``, ``kd``, ``feature``, ``attention``.
+
+    Args:
+        network: the student.
+        teacher_network: the trained teacher (a plain module, not DDP).
+        loss_function: a :class:`DistillationLoss`, or a single :class:`DistillationTerm` (used alone).
+        inferer: how to run both networks on a batch (default :class:`monai.inferers.SimpleInferer`).
+        event_names: extra events; :class:`DistillationEvents` are always registered.
+        kwargs: the other arguments of :class:`monai.engines.SupervisedTrainer`.
+
+    Raises:
+        ValueError: before any training, when the teacher is wrapped in DDP/DataParallel, the two
+            networks predict different numbers of classes or have different spatial dimensionality,
+            a layer path does not exist (close matches listed), or the loss is not a distillation loss.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        teacher_network: nn.Module,
+        loss_function: DistillationLoss | DistillationTerm,
+        inferer: Inferer | None = None,
+        event_names: Sequence[str | EventEnum | type[EventEnum]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(teacher_network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            raise ValueError("teacher_network must be a plain module: the frozen teacher is never wrapped in DDP.")
+        if isinstance(loss_function, DistillationTerm):
+            loss_function = DistillationLoss({type(loss_function).__name__: loss_function})
+        if not isinstance(loss_function, DistillationLoss):
+            raise ValueError(
+                f"loss_function must be a DistillationLoss or DistillationTerm, got {type(loss_function).__name__}."
+            )
+        _check_compatible(network, teacher_network)
+        FeatureCapture(network, loss_function.student_layers)  # validates the paths (close matches listed)
+        FeatureCapture(teacher_network, loss_function.teacher_layers)
+        self.teacher_network = teacher_network
+        self.distillation_loss = loss_function
+        self._distill_inferer = _TeacherStudentInferer(inferer or SimpleInferer(), teacher_network, loss_function, self)
+        super().__init__(
+            network=network,
+            loss_function=_DistillationObjective(loss_function, self._distill_inferer, self),
+            inferer=self._distill_inferer,
+            event_names=[*(event_names or []), DistillationEvents],
+            **kwargs,
+        )
+
+
+def _check_compatible(student: nn.Module, teacher: nn.Module) -> None:
+    checks: list[tuple[str, Callable[[nn.Module], int | None]]] = [
+        ("spatial dimensionality", spatial_dims_of),
+        ("number of classes", num_classes_of),
+    ]
+    for what, read in checks:
+        student_value, teacher_value = read(student), read(teacher)
+        if None not in (student_value, teacher_value) and student_value != teacher_value:
+            raise ValueError(f"student and teacher differ in {what}: student {student_value}, teacher {teacher_value}.")

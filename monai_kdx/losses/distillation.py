@@ -1,0 +1,306 @@
+"""Knowledge distillation losses: logits (Hinton), feature hints (FitNets), attention transfer, and
+a weighted sum of named terms.
+
+Every term works on *outputs*: a mapping with the network's ``"logits"`` (B, C) and, for each layer
+path the term asks for in ``student_layers``/``teacher_layers``, that layer's feature map
+(B, C_l, H, W) in 2D or (B, C_l, H, W, D) in 3D. The trainer captures exactly those layers (with
+:class:`monai_kdx.networks.FeatureCapture`) and calls :class:`DistillationLoss`, which returns each
+named part and their weighted ``"total"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monai_kdx.registry import DISTILLATION_LOSSES
+
+__all__ = [
+    "DistillationTerm",
+    "KnowledgeDistillationLoss",
+    "FeatureHintLoss",
+    "AttentionTransferLoss",
+    "DistillationLoss",
+    "match_spatial",
+]
+
+Outputs = Mapping[str, torch.Tensor]
+
+
+def match_spatial(source: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resize a (B, C, *spatial) map to ``size`` (bilinear in 2D, trilinear in 3D; unchanged if equal)."""
+    if tuple(source.shape[2:]) == tuple(size):
+        return source
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[source.ndim - 2]
+    return F.interpolate(source, size=tuple(size), mode=mode, align_corners=False)
+
+
+class DistillationTerm(nn.Module):
+    """Base of the terms :class:`DistillationLoss` combines.
+
+    Subclasses set ``student_layers``/``teacher_layers`` (the module paths they need) and implement
+    :meth:`from_outputs`.
+    """
+
+    student_layers: tuple[str, ...] = ()
+    teacher_layers: tuple[str, ...] = ()
+
+    def from_outputs(self, student: Outputs, teacher: Outputs, target: torch.Tensor) -> torch.Tensor | dict[str, Any]:
+        """The term's value (a scalar, or a dict of named scalars) from the two networks' outputs."""
+        raise NotImplementedError
+
+
+@DISTILLATION_LOSSES.register("kd")
+class KnowledgeDistillationLoss(DistillationTerm):
+    """Hinton's distillation loss on logits.
+
+    ``(1 − α)·CE(y, z_s) + α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))``, the KL averaged over the batch
+    (``batchmean``). The ``T²`` factor keeps the soft term's gradient scale independent of ``T``.
+
+    Args:
+        temperature: ``T > 0``; higher values soften both distributions.
+        alpha: weight ``α`` in [0, 1] of the soft (teacher) term; ``1 − α`` weighs the hard labels.
+
+    Raises:
+        ValueError: ``temperature <= 0`` or ``alpha`` outside [0, 1].
+
+    Example:
+        >>> loss = KnowledgeDistillationLoss(temperature=4.0, alpha=0.7)
+        >>> value = loss(student_logits, teacher_logits, labels)   # (B, C), (B, C), (B,)
+    """
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.5) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+
+    def parts(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> dict:
+        """The two weighted parts: ``{"task": (1 − α)·CE, "kd": α·T²·KL}``.
+
+        Args:
+            student_logits: (B, C).
+            teacher_logits: (B, C), no gradient needed.
+            target: (B,) class indices, or (B, 1).
+        """
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(
+                f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+                "differ: do the two networks predict the same classes?"
+            )
+        target = target.reshape(-1).long()
+        t = self.temperature
+        task = F.cross_entropy(student_logits, target)
+        kd = F.kl_div(
+            F.log_softmax(student_logits / t, dim=1),
+            F.log_softmax(teacher_logits.detach() / t, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        return {"task": (1.0 - self.alpha) * task, "kd": self.alpha * t * t * kd}
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        parts = self.parts(student_logits, teacher_logits, target)
+        return parts["task"] + parts["kd"]
+
+    def from_outputs(self, student: Outputs, teacher: Outputs, target: torch.Tensor) -> dict:
+        return self.parts(student["logits"], teacher["logits"], target)
+
+
+def _adapter(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+    return conv(in_channels, out_channels, kernel_size=1, bias=False)
+
+
+@DISTILLATION_LOSSES.register("feature")
+class FeatureHintLoss(DistillationTerm):
+    """FitNets hint loss: ``½·‖u_h(x) − r(v_g(x))‖²`` (mean over elements) between a teacher layer and
+    a student layer, with a learned 1×1 adapter ``r`` when the channel counts differ and linear
+    interpolation of the student map when the spatial sizes differ.
+
+    The adapter is a Conv2d or Conv3d picked from ``spatial_dims``; its parameters belong to this
+    module, so give them to the optimizer (``list(student.parameters()) + list(loss.parameters())``).
+
+    Args:
+        student_layer: module path in the student, e.g. ``"features.3"``.
+        teacher_layer: module path in the teacher, e.g. ``"features.denseblock2"``.
+        student_channels: channels of the student layer's output.
+        teacher_channels: channels of the teacher layer's output.
+        spatial_dims: 2 or 3.
+
+    Raises:
+        ValueError: non-positive channels, ``spatial_dims`` not 1/2/3; at call time, maps whose
+            channels or dimensionality do not match the declared ones.
+    """
+
+    def __init__(
+        self, student_layer: str, teacher_layer: str, student_channels: int, teacher_channels: int, spatial_dims: int
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
+        if student_channels < 1 or teacher_channels < 1:
+            raise ValueError(f"channels must be positive, got {student_channels} and {teacher_channels}.")
+        self.student_layers = (student_layer,)
+        self.teacher_layers = (teacher_layer,)
+        self.spatial_dims = spatial_dims
+        self.channels = (student_channels, teacher_channels)
+        self.adapter = (
+            nn.Identity()
+            if student_channels == teacher_channels
+            else _adapter(spatial_dims, student_channels, teacher_channels)
+        )
+
+    def forward(self, student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+        """Args: student_map (B, C_s, *spatial_s); teacher_map (B, C_t, *spatial_t)."""
+        for name, tensor, channels in (
+            ("student", student_map, self.channels[0]),
+            ("teacher", teacher_map, self.channels[1]),
+        ):
+            if tensor.ndim != self.spatial_dims + 2 or tensor.shape[1] != channels:
+                raise ValueError(
+                    f"{name} feature map has shape {tuple(tensor.shape)}, expected (B, {channels}, "
+                    f"{', '.join(['*'] * self.spatial_dims)}) for layer {getattr(self, name + '_layers')[0]!r}."
+                )
+        hint = match_spatial(self.adapter(student_map), teacher_map.shape[2:])
+        return 0.5 * F.mse_loss(hint, teacher_map.detach())
+
+    def from_outputs(self, student: Outputs, teacher: Outputs, target: torch.Tensor) -> torch.Tensor:
+        return self(student[self.student_layers[0]], teacher[self.teacher_layers[0]])
+
+
+def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Zagoruyko & Komodakis' spatial attention: ``Σ_c |A_c|^p``, flattened and L2-normalized.
+
+    Args:
+        feature: (B, C, *spatial).
+        p: the exponent.
+
+    Returns:
+        (B, prod(spatial)) unit-norm rows (an all-zero map stays zero).
+    """
+    return F.normalize(feature.abs().pow(p).sum(dim=1).flatten(1), dim=1)
+
+
+@DISTILLATION_LOSSES.register("attention")
+class AttentionTransferLoss(DistillationTerm):
+    """Attention transfer: ``β/2 · Σ_j ‖Q_s^j − Q_t^j‖₂`` over layer pairs ``j``, averaged over the batch,
+    with ``Q = vec(Σ_c |A_c|^p) / ‖·‖₂``. Student maps are resized to the teacher's spatial size before
+    the channel sum, so layers of different resolution can be paired.
+
+    Args:
+        student_layers: module paths in the student.
+        teacher_layers: module paths in the teacher, one per student layer.
+        p: exponent of the attention map (2 in the paper).
+        beta: weight ``β`` (about 10³ in the paper).
+
+    Raises:
+        ValueError: empty or unequal layer lists, ``p <= 0``.
+    """
+
+    def __init__(
+        self, student_layers: Sequence[str], teacher_layers: Sequence[str], p: float = 2.0, beta: float = 1000.0
+    ) -> None:
+        super().__init__()
+        if not student_layers or len(student_layers) != len(teacher_layers):
+            raise ValueError(
+                f"attention transfer pairs layers one to one; got {len(student_layers)} student and "
+                f"{len(teacher_layers)} teacher layers."
+            )
+        if not p > 0:
+            raise ValueError(f"p must be > 0, got {p}.")
+        self.student_layers = tuple(student_layers)
+        self.teacher_layers = tuple(teacher_layers)
+        self.p = float(p)
+        self.beta = float(beta)
+
+    def pair(self, student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+        """One pair's ``‖Q_s − Q_t‖₂`` averaged over the batch. Maps: (B, C, *spatial), same dimensionality."""
+        if student_map.ndim != teacher_map.ndim:
+            raise ValueError(
+                f"cannot pair a {student_map.ndim - 2}D student map with a {teacher_map.ndim - 2}D teacher map."
+            )
+        student_q = attention_map(match_spatial(student_map, teacher_map.shape[2:]), self.p)
+        teacher_q = attention_map(teacher_map.detach(), self.p)
+        return (student_q - teacher_q).norm(dim=1).mean()
+
+    def from_outputs(self, student: Outputs, teacher: Outputs, target: torch.Tensor) -> torch.Tensor:
+        total = sum(
+            self.pair(student[s], teacher[t]) for s, t in zip(self.student_layers, self.teacher_layers, strict=True)
+        )
+        return 0.5 * self.beta * total
+
+
+class DistillationLoss(nn.Module):
+    """A weighted sum of named distillation terms, e.g. logits + feature hints + attention.
+
+    Args:
+        terms: name → term (a :class:`DistillationTerm`, or a registered name of one built with
+            default arguments). A term returning several parts (the KD term gives ``task`` and
+            ``kd``) contributes each of them under its own name.
+        weights: name → weight (default 1) for the terms.
+
+    Returns (from ``forward``):
+        A dict of scalar tensors: every part, and ``"total"`` (their weighted sum).
+
+    Raises:
+        ValueError: no terms, a weight for an unknown term, or two parts with the same name.
+
+    Example (bundle YAML):
+        distill_loss:
+          _target_: monai_kdx.losses.DistillationLoss
+          terms:
+            logits: {_target_: monai_kdx.losses.KnowledgeDistillationLoss, temperature: 4, alpha: 0.7}
+            attention: {_target_: monai_kdx.losses.AttentionTransferLoss,
+                        student_layers: [blocks.2], teacher_layers: [features.denseblock2]}
+          weights: {attention: 0.5}
+    """
+
+    def __init__(self, terms: Mapping[str, DistillationTerm | str], weights: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        if not terms:
+            raise ValueError("DistillationLoss needs at least one term.")
+        built = {
+            name: DISTILLATION_LOSSES.build(term) if isinstance(term, str) else term for name, term in terms.items()
+        }
+        for name, term in built.items():
+            if not isinstance(term, DistillationTerm):
+                raise ValueError(f"term {name!r} is a {type(term).__name__}, not a DistillationTerm.")
+        unknown = sorted(set(weights or {}) - set(built))
+        if unknown:
+            raise ValueError(f"weights given for unknown terms {unknown}; terms: {sorted(built)}.")
+        self.terms = nn.ModuleDict(built)
+        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in built}
+
+    @property
+    def student_layers(self) -> list[str]:
+        """Every student layer path the terms need (deduplicated, in order)."""
+        return list(dict.fromkeys(path for term in self.terms.values() for path in term.student_layers))
+
+    @property
+    def teacher_layers(self) -> list[str]:
+        """Every teacher layer path the terms need (deduplicated, in order)."""
+        return list(dict.fromkeys(path for term in self.terms.values() for path in term.teacher_layers))
+
+    def forward(self, student: Outputs, teacher: Outputs, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Args: ``student``/``teacher``: ``{"logits": (B, C), <layer path>: (B, C_l, *spatial), ...}``;
+        ``target``: (B,) class indices."""
+        parts: dict[str, torch.Tensor] = {}
+        total = None
+        for name, term in self.terms.items():
+            value = term.from_outputs(student, teacher, target)
+            named = value if isinstance(value, dict) else {name: value}
+            for part, tensor in named.items():
+                if part in parts or part == "total":
+                    raise ValueError(f"two distillation parts are named {part!r}; rename the term {name!r}.")
+                parts[part] = self.weights[name] * tensor
+                total = parts[part] if total is None else total + parts[part]
+        parts["total"] = total
+        return parts

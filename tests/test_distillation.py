@@ -1,0 +1,167 @@
+"""Distillation losses against hand computations, and the DistillationTrainer's real iteration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from monai_kdx.engines import DistillationEvents, DistillationTrainer
+from monai_kdx.losses import AttentionTransferLoss, DistillationLoss, FeatureHintLoss, KnowledgeDistillationLoss
+from monai_kdx.registry import DISTILLATION_LOSSES
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_kd_loss_equals_hand_computation():
+    s = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]])
+    t = np.array([[3.0, 0.0, -2.0], [1.0, -1.0, 0.0]])
+    y = np.array([0, 2])
+    temperature, alpha = 5.0, 0.7
+    ce = -np.mean(np.log(_softmax(s))[np.arange(2), y])
+    pt, ps = _softmax(t / temperature), _softmax(s / temperature)
+    kl = np.sum(pt * (np.log(pt) - np.log(ps))) / 2  # batchmean
+    expected = (1 - alpha) * ce + alpha * temperature**2 * kl
+    loss = KnowledgeDistillationLoss(temperature, alpha)
+    value = loss(torch.tensor(s), torch.tensor(t), torch.tensor(y))
+    assert value.item() == pytest.approx(expected, rel=1e-10)
+    parts = loss.parts(torch.tensor(s), torch.tensor(t), torch.tensor(y))
+    assert parts["kd"].item() == pytest.approx(alpha * temperature**2 * kl, rel=1e-10)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 15.0])
+def test_soft_term_gradient_is_t_times_probability_gap(temperature):
+    """d/dz_s of T²·KL(q_t ‖ q_s) = T·(q_s − q_t)/B: the T² factor keeps the gradient scale."""
+    torch.manual_seed(0)
+    s = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 5, dtype=torch.float64)
+    KnowledgeDistillationLoss(temperature, alpha=1.0)(s, t, torch.zeros(4, dtype=torch.long)).backward()
+    expected = temperature * (torch.softmax(s / temperature, 1) - torch.softmax(t / temperature, 1)) / 4
+    torch.testing.assert_close(s.grad, expected.detach())
+
+
+def test_kd_errors_and_registry():
+    with pytest.raises(ValueError, match="temperature"):
+        KnowledgeDistillationLoss(temperature=0)
+    with pytest.raises(ValueError, match="alpha"):
+        KnowledgeDistillationLoss(alpha=1.5)
+    with pytest.raises(ValueError, match="same classes"):
+        KnowledgeDistillationLoss()(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2))
+    assert DISTILLATION_LOSSES.get("kd") is KnowledgeDistillationLoss
+    assert {"kd", "feature", "attention"} <= set(DISTILLATION_LOSSES.names())
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_feature_hint_adapter_and_interpolation(spatial_dims):
+    torch.manual_seed(0)
+    same = FeatureHintLoss("a", "b", 4, 4, spatial_dims)
+    s, t = torch.randn(2, 4, *[6] * spatial_dims), torch.randn(2, 4, *[6] * spatial_dims)
+    assert isinstance(same.adapter, nn.Identity)
+    assert same(s, t).item() == pytest.approx(0.5 * ((s - t) ** 2).mean().item(), rel=1e-6)
+    hint = FeatureHintLoss("a", "b", 3, 8, spatial_dims)
+    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    assert isinstance(hint.adapter, conv) and hint.adapter.weight.shape[:2] == (8, 3)
+    student = torch.randn(2, 3, *[4] * spatial_dims, requires_grad=True)
+    value = hint(student, torch.randn(2, 8, *[8] * spatial_dims))  # student map upsampled 4 -> 8
+    value.backward()
+    assert student.grad.abs().sum() > 0 and hint.adapter.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"expected \(B, 3"):
+        hint(torch.randn(2, 5, *[4] * spatial_dims), torch.randn(2, 8, *[8] * spatial_dims))
+
+
+def test_attention_transfer_equals_hand_computation():
+    s = torch.tensor([[[[1.0, 2.0], [0.0, 1.0]], [[1.0, 0.0], [2.0, 1.0]]]])  # (1, 2, 2, 2)
+    t = torch.tensor([[[[0.0, 3.0], [1.0, 0.0]]]])  # (1, 1, 2, 2)
+    qs = np.array([2.0, 4.0, 4.0, 2.0])  # sum_c |A_c|^2
+    qt = np.array([0.0, 9.0, 1.0, 0.0])
+    expected = 0.5 * 10.0 * np.linalg.norm(qs / np.linalg.norm(qs) - qt / np.linalg.norm(qt))
+    loss = AttentionTransferLoss(["s"], ["t"], p=2, beta=10.0)
+    assert loss.from_outputs({"s": s}, {"t": t}, None).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="one to one"):
+        AttentionTransferLoss(["a", "b"], ["c"])
+
+
+def test_weighted_sum_of_named_terms():
+    torch.manual_seed(0)
+    student = {"logits": torch.randn(2, 3), "s1": torch.randn(2, 4, 5, 5)}
+    teacher = {"logits": torch.randn(2, 3), "t1": torch.randn(2, 4, 5, 5)}
+    y = torch.tensor([0, 1])
+    kd = KnowledgeDistillationLoss(2.0, 0.5)
+    attention = AttentionTransferLoss(["s1"], ["t1"])
+    loss = DistillationLoss({"logits": kd, "attention": attention}, weights={"attention": 0.25})
+    parts = loss(student, teacher, y)
+    assert set(parts) == {"task", "kd", "attention", "total"}
+    expected_attention = 0.25 * attention.from_outputs(student, teacher, y)
+    assert parts["attention"].item() == pytest.approx(expected_attention.item())
+    assert parts["total"].item() == pytest.approx((parts["task"] + parts["kd"] + parts["attention"]).item())
+    assert loss.student_layers == ["s1"] and loss.teacher_layers == ["t1"]
+    assert set(DistillationLoss({"logits": "kd"})(student, teacher, y)) == {"task", "kd", "total"}
+    with pytest.raises(ValueError, match="unknown terms"):
+        DistillationLoss({"logits": kd}, weights={"feature": 1.0})
+
+
+def _net(spatial_dims: int, width: int, classes: int = 3) -> nn.Sequential:
+    conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    pool = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
+    return nn.Sequential(
+        conv(1, width, 3, padding=1), nn.ReLU(), conv(width, width, 3, padding=1), nn.ReLU(),
+        pool(1), nn.Flatten(), nn.Linear(width, classes),
+    )
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_trainer_runs_monai_iteration_with_frozen_teacher(spatial_dims):
+    torch.manual_seed(0)
+    teacher, student = _net(spatial_dims, 8), _net(spatial_dims, 4)
+    teacher.train()  # the trainer must switch it to eval every iteration
+    loss = DistillationLoss(
+        {
+            "logits": KnowledgeDistillationLoss(4.0, 0.5),
+            "feature": FeatureHintLoss("2", "2", 4, 8, spatial_dims),
+            "attention": AttentionTransferLoss(["0"], ["0"]),
+        }
+    )
+    data = [{"image": torch.randn(2, 1, *[6] * spatial_dims), "label": torch.tensor([0, 2])} for _ in range(3)]
+    optimizer = torch.optim.SGD(list(student.parameters()) + list(loss.parameters()), lr=0.1)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    adapter_before = loss.terms["feature"].adapter.weight.clone()
+    trainer = DistillationTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=student,
+        teacher_network=teacher, loss_function=loss, optimizer=optimizer, decollate=False,
+    )
+    seen = []
+    trainer.add_event_handler(DistillationEvents.TEACHER_FORWARD_COMPLETED, lambda e: seen.append(teacher.training))
+    trainer.run()
+    output = trainer.state.output
+    assert {"task", "kd", "feature", "attention", "loss"} <= set(output)
+    total = output["task"] + output["kd"] + output["feature"] + output["attention"]
+    assert output["loss"].item() == pytest.approx(total.item(), rel=1e-5)
+    assert seen == [False, False, False]  # teacher forward each iteration, in eval mode
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(not torch.equal(student_before[k], v) for k, v in student.state_dict().items())
+    assert not torch.equal(adapter_before, loss.terms["feature"].adapter.weight)
+    assert sum(len(m._forward_hooks) for m in [*teacher.modules(), *student.modules()]) == 0
+
+
+def test_trainer_rejects_bad_setups_before_training():
+    kd = KnowledgeDistillationLoss()
+    common = {"device": torch.device("cpu"), "max_epochs": 1, "train_data_loader": [], "optimizer": None}
+    with pytest.raises(ValueError, match="number of classes: student 4, teacher 3"):
+        DistillationTrainer(network=_net(2, 4, classes=4), teacher_network=_net(2, 8), loss_function=kd, **common)
+    with pytest.raises(ValueError, match="spatial dimensionality: student 3, teacher 2"):
+        DistillationTrainer(network=_net(3, 4), teacher_network=_net(2, 8), loss_function=kd, **common)
+    with pytest.raises(ValueError, match="no submodule 'blocks.9'"):
+        DistillationTrainer(
+            network=_net(2, 4), teacher_network=_net(2, 8),
+            loss_function=AttentionTransferLoss(["blocks.9"], ["0"]), **common,
+        )
+    with pytest.raises(ValueError, match="never wrapped in DDP"):
+        DistillationTrainer(network=_net(2, 4), teacher_network=nn.DataParallel(_net(2, 8)), loss_function=kd, **common)
+    with pytest.raises(ValueError, match="DistillationLoss or DistillationTerm"):
+        DistillationTrainer(network=_net(2, 4), teacher_network=_net(2, 8), loss_function=nn.MSELoss(), **common)
