@@ -108,8 +108,13 @@ def _net(spatial_dims: int, width: int, classes: int = 3) -> nn.Sequential:
     conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
     pool = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
     return nn.Sequential(
-        conv(1, width, 3, padding=1), nn.ReLU(), conv(width, width, 3, padding=1), nn.ReLU(),
-        pool(1), nn.Flatten(), nn.Linear(width, classes),
+        conv(1, width, 3, padding=1),
+        nn.ReLU(),
+        conv(width, width, 3, padding=1),
+        nn.ReLU(),
+        pool(1),
+        nn.Flatten(),
+        nn.Linear(width, classes),
     )
 
 
@@ -131,8 +136,14 @@ def test_trainer_runs_monai_iteration_with_frozen_teacher(spatial_dims):
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     adapter_before = loss.terms["feature"].adapter.weight.clone()
     trainer = DistillationTrainer(
-        device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=student,
-        teacher_network=teacher, loss_function=loss, optimizer=optimizer, decollate=False,
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=data,
+        network=student,
+        teacher_network=teacher,
+        loss_function=loss,
+        optimizer=optimizer,
+        decollate=False,
     )
     seen = []
     trainer.add_event_handler(DistillationEvents.TEACHER_FORWARD_COMPLETED, lambda e: seen.append(teacher.training))
@@ -158,8 +169,10 @@ def test_trainer_rejects_bad_setups_before_training():
         DistillationTrainer(network=_net(3, 4), teacher_network=_net(2, 8), loss_function=kd, **common)
     with pytest.raises(ValueError, match="no submodule 'blocks.9'"):
         DistillationTrainer(
-            network=_net(2, 4), teacher_network=_net(2, 8),
-            loss_function=AttentionTransferLoss(["blocks.9"], ["0"]), **common,
+            network=_net(2, 4),
+            teacher_network=_net(2, 8),
+            loss_function=AttentionTransferLoss(["blocks.9"], ["0"]),
+            **common,
         )
     with pytest.raises(ValueError, match="never wrapped in DDP"):
         DistillationTrainer(network=_net(2, 4), teacher_network=nn.DataParallel(_net(2, 8)), loss_function=kd, **common)

@@ -1,10 +1,11 @@
 """Networks: feature capture by module path (shared by distillation, explanations and pruning) and
-network introspection."""
+network introspection, compact students and their size."""
 
 from __future__ import annotations
 
 from .capture import FeatureCapture, module_paths, resolve_module, unwrap_network
 from .introspect import load_weights, num_classes_of, spatial_dims_of
+from .students import ShallowCNN, count_macs, count_parameters, densenet_student, resnet_student
 
 __all__ = [
     "FeatureCapture",
@@ -14,4 +15,9 @@ __all__ = [
     "load_weights",
     "num_classes_of",
     "spatial_dims_of",
+    "ShallowCNN",
+    "densenet_student",
+    "resnet_student",
+    "count_parameters",
+    "count_macs",
 ]

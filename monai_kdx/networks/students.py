@@ -1,0 +1,183 @@
+"""Compact students for distillation, in 2D and 3D, and their size (parameters, MACs).
+
+- :class:`ShallowCNN`: the research idea's shallow student — five 3×3 conv blocks with max-pooling,
+  a small residual block and a dense head; module paths ``blocks.0`` … ``blocks.4``, ``residual``,
+  ``head``, so hierarchical maps read naturally from each block.
+- :func:`densenet_student` / :func:`resnet_student`: reduced-depth members of the MONAI teacher
+  families (fewer dense blocks, fewer residual layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.layers.factories import Conv, Norm, Pool
+from monai.networks.nets import DenseNet, ResNet
+from torch import nn
+
+from .capture import unwrap_network
+
+__all__ = ["ShallowCNN", "densenet_student", "resnet_student", "count_parameters", "count_macs"]
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, spatial_dims: int, channels: int) -> None:
+        super().__init__()
+        conv, norm = Conv[Conv.CONV, spatial_dims], Norm[Norm.BATCH, spatial_dims]
+        self.body = nn.Sequential(
+            conv(channels, channels, 3, padding=1, bias=False),
+            norm(channels),
+            nn.ReLU(inplace=True),
+            conv(channels, channels, 3, padding=1, bias=False),
+            norm(channels),
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+class ShallowCNN(nn.Module):
+    """A shallow CNN student: conv blocks (3×3 conv → BN → ReLU → 2× max-pool), one residual block,
+    global average pooling and a dense head.
+
+    Input (B, C_in, H, W) or (B, C_in, H, W, D); output logits (B, out_channels). Block ``i`` outputs
+    (B, channels[i], H/2^(i+1), …).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: number of classes.
+        channels: output channels of each conv block (its length is the number of blocks).
+        hidden: width of the dense head's hidden layer (0: a single linear layer).
+        dropout: dropout before the last linear layer.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        channels: Sequence[int] = (8, 16, 32, 64, 64),
+        hidden: int = 32,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if not channels:
+            raise ValueError("ShallowCNN needs at least one conv block.")
+        conv, norm = Conv[Conv.CONV, spatial_dims], Norm[Norm.BATCH, spatial_dims]
+        pool = Pool[Pool.MAX, spatial_dims]
+        blocks, previous = [], in_channels
+        for width in channels:
+            blocks.append(
+                nn.Sequential(
+                    conv(previous, width, 3, padding=1, bias=False), norm(width), nn.ReLU(inplace=True), pool(2)
+                )
+            )
+            previous = width
+        self.blocks = nn.Sequential(*blocks)
+        self.residual = _ResidualBlock(spatial_dims, previous)
+        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        layers: list[nn.Module] = [nn.Flatten()]
+        if hidden:
+            layers += [nn.Linear(previous, hidden), nn.ReLU(inplace=True)]
+            previous = hidden
+        layers += [nn.Dropout(dropout), nn.Linear(previous, out_channels)]
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.residual(self.blocks(x))))
+
+
+def densenet_student(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    block_config: Sequence[int] = (4, 8),
+    init_features: int = 8,
+    growth_rate: int = 8,
+) -> DenseNet:
+    """A MONAI ``DenseNet`` with fewer dense blocks than DenseNet121's (6, 12, 24, 16).
+
+    Module paths follow MONAI's: ``features.denseblock1`` … ``features.denseblock{len(block_config)}``.
+    """
+    return DenseNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        init_features=init_features,
+        growth_rate=growth_rate,
+        block_config=tuple(block_config),
+    )
+
+
+def resnet_student(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    layers: Sequence[int] = (1, 1, 1, 1),
+    block_inplanes: Sequence[int] = (8, 16, 32, 64),
+) -> ResNet:
+    """A MONAI ``ResNet`` with basic blocks and reduced depth (ResNet-10 layout by default, narrow), and a
+    3×3 stride-2 stem instead of the 7×7 stride-1 one, which dominates the cost of small 3D inputs.
+
+    Module paths follow MONAI's: ``layer1`` … ``layer4``.
+    """
+    return ResNet(
+        block="basic",
+        layers=list(layers),
+        block_inplanes=list(block_inplanes),
+        spatial_dims=spatial_dims,
+        n_input_channels=in_channels,
+        num_classes=out_channels,
+        conv1_t_size=3,
+        conv1_t_stride=2,
+    )
+
+
+def count_parameters(network: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (optionally only those with ``requires_grad``)."""
+    return sum(p.numel() for p in unwrap_network(network).parameters() if p.requires_grad or not trainable_only)
+
+
+def count_macs(network: nn.Module, input_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one forward pass for one input of ``input_shape`` (C, *spatial),
+    counted over convolutions and linear layers (the dominant cost; norms and activations ignored).
+
+    Args:
+        network: the model (evaluated in eval mode, restored afterwards, without gradients).
+        input_shape: e.g. ``(1, 64, 64, 64)``.
+    """
+    model = unwrap_network(network)
+    total = 0
+
+    def conv_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        kernel = int(torch.tensor(module.kernel_size).prod())
+        total += output.numel() * (module.in_channels // module.groups) * kernel
+
+    def linear_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook))
+    was_training = model.training
+    try:
+        model.eval()
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else "cpu"
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return total
