@@ -12,6 +12,7 @@ import torch
 from conftest import REPO
 from mlflow.tracking import MlflowClient
 
+from monai_kdx.networks import ShallowCNN, load_weights
 from monai_kdx.tracking import latest_run, run_summary
 
 TINY = ["--n_samples", "12", "--spatial_size", "32", "--max_epochs", "2", "--batch_size", "4"]
@@ -21,14 +22,24 @@ def _bundle_run(bundle: str, configs: list[str], tmp_path, env, *extra: str) -> 
     root = REPO / "bundles" / bundle
     files = [str(root / "configs" / name) for name in configs]
     command = [
-        sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", files[0] if len(files) == 1 else repr(files),
-        "--meta_file", str(root / "configs" / "metadata.json"),
-        "--logging_file", str(root / "configs" / "logging.conf"),
-        "--bundle_root", str(root),
-        "--output_dir", str(tmp_path / "runs"),
-        "--dataset_dir", str(tmp_path / "data"),
-        *TINY, *extra,
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        files[0] if len(files) == 1 else repr(files),
+        "--meta_file",
+        str(root / "configs" / "metadata.json"),
+        "--logging_file",
+        str(root / "configs" / "logging.conf"),
+        "--bundle_root",
+        str(root),
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--dataset_dir",
+        str(tmp_path / "data"),
+        *TINY,
+        *extra,
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -61,6 +72,22 @@ def test_brain_mri_3d_teacher_train_then_evaluate_tracked_in_mlflow(tmp_path, su
     datalist = json.loads((tmp_path / "data" / "datalist.json").read_text())
     rows = (tmp_path / "runs" / "predictions" / "test_predictions.csv").read_text().strip().splitlines()
     assert len(rows) == len(datalist["test"])
+
+    # distil the teacher just trained into the shallow student; every loss part reaches MLflow
+    _bundle_run("brain_mri_3d", ["train_teacher.yaml", "distill.yaml"], tmp_path, subprocess_env)
+    distill = run_summary(uri, latest_run(uri, "brain_mri_3d", "distill"))
+    assert {"train_loss", "train_task", "train_kd", "train_attention", "val_accuracy"} <= set(distill["metrics"])
+    parts = distill["metrics"]
+    assert parts["train_loss"] == pytest.approx(
+        parts["train_task"] + parts["train_kd"] + parts["train_attention"], rel=1e-4
+    )
+    assert distill["params"]["student"] == "ShallowCNN"
+    assert distill["params"]["teacher_checkpoint"] == str(tmp_path / "runs" / "models" / "model.pt")
+    student = ShallowCNN(3, 1, 4)
+    load_weights(student, str(tmp_path / "runs" / "student" / "model_final.pt"))
+    assert {"model.pt", "model_final.pt"} <= set(distill["artifacts"])
+    teacher_after = torch.load(tmp_path / "runs" / "models" / "model_final.pt", weights_only=True)
+    assert all(torch.equal(state[k], teacher_after[k]) for k in state)  # the teacher checkpoints are left alone
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from .progress import ProgressBar, stacked
+from .output_transforms import scalars, stacked
+from .progress import ProgressBar
 
-__all__ = ["ProgressBar", "stacked"]
+__all__ = ["ProgressBar", "scalars", "stacked"]

@@ -1,15 +1,14 @@
-"""A progress bar that attaches like a MONAI handler, and an output transform for ignite metrics."""
+"""A progress bar that attaches like a MONAI handler."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from ignite.engine import Engine
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 
-__all__ = ["ProgressBar", "stacked"]
+__all__ = ["ProgressBar"]
 
 
 class ProgressBar:
@@ -44,25 +43,3 @@ class ProgressBar:
             metric_names=self.metric_names,
             output_transform=(lambda output: {"loss": transform(output)}) if transform else None,
         )
-
-
-def stacked(keys: str | Sequence[str]) -> Callable[[Any], tuple[torch.Tensor, ...]]:
-    """An output transform returning batched tensors for ``keys`` from an engine output.
-
-    MONAI engines decollate their output into a list of per-sample dicts; ignite metrics such as
-    ``Accuracy`` need batched tensors: ``pred`` (B, C) and ``label`` (B,).
-
-    Args:
-        keys: the keys to extract, in order.
-
-    Returns:
-        A function ``output -> tuple of tensors`` (stacked along a new batch dimension).
-    """
-    keys = [keys] if isinstance(keys, str) else list(keys)
-
-    def transform(output: Any) -> tuple[torch.Tensor, ...]:
-        if isinstance(output, Mapping):
-            return tuple(torch.as_tensor(output[key]) for key in keys)
-        return tuple(torch.stack([torch.as_tensor(item[key]) for item in output]) for key in keys)
-
-    return transform
