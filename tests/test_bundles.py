@@ -4,12 +4,13 @@ SQLite store read back with MlflowClient; metadata verified against the bundle s
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, VENV_BIN
 from mlflow.tracking import MlflowClient
 
 from monai_kdx.networks import ShallowCNN, load_weights
@@ -46,10 +47,19 @@ def _bundle_run(bundle: str, configs: list[str], tmp_path, env, *extra: str) -> 
     return result
 
 
+@pytest.fixture(scope="module")
+def brain_teacher(tmp_path_factory):
+    """One tiny 3D teacher trained and evaluated through the real bundle, shared by the tests below."""
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+    tmp_path = tmp_path_factory.mktemp("brain")
+    _bundle_run("brain_mri_3d", ["train_teacher.yaml"], tmp_path, env)
+    _bundle_run("brain_mri_3d", ["train_teacher.yaml", "evaluate.yaml"], tmp_path, env)
+    return tmp_path, env, f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"
+
+
 @pytest.mark.slow
-def test_brain_mri_3d_teacher_train_then_evaluate_tracked_in_mlflow(tmp_path, subprocess_env):
-    _bundle_run("brain_mri_3d", ["train_teacher.yaml"], tmp_path, subprocess_env)
-    uri = f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"
+def test_brain_mri_3d_teacher_train_then_evaluate_tracked_in_mlflow(brain_teacher):
+    tmp_path, _, uri = brain_teacher
     train = run_summary(uri, latest_run(uri, "brain_mri_3d", "train_teacher"))
     assert train["status"] == "FINISHED"
     assert train["params"]["n_samples"] == "12" and train["params"]["dataset_kind"] == "brain-mri-3d"
@@ -61,11 +71,9 @@ def test_brain_mri_3d_teacher_train_then_evaluate_tracked_in_mlflow(tmp_path, su
     # the artifact store sits next to the database, not in the working directory
     assert str(tmp_path / "runs" / "mlruns") in train["artifact_uri"]
     assert not (tmp_path / "mlruns").exists()
-
     state = torch.load(tmp_path / "runs" / "models" / "model_final.pt", weights_only=True)
     assert state["class_layers.out.weight"].shape[0] == 4
 
-    _bundle_run("brain_mri_3d", ["train_teacher.yaml", "evaluate.yaml"], tmp_path, subprocess_env)
     test = run_summary(uri, latest_run(uri, "brain_mri_3d", "evaluate_teacher"))
     assert 0.0 <= test["metrics"]["test_accuracy"] <= 1.0
     assert "test_predictions.csv" in test["artifacts"]
@@ -73,8 +81,12 @@ def test_brain_mri_3d_teacher_train_then_evaluate_tracked_in_mlflow(tmp_path, su
     rows = (tmp_path / "runs" / "predictions" / "test_predictions.csv").read_text().strip().splitlines()
     assert len(rows) == len(datalist["test"])
 
-    # distil the teacher just trained into the shallow student; every loss part reaches MLflow
-    _bundle_run("brain_mri_3d", ["train_teacher.yaml", "distill.yaml"], tmp_path, subprocess_env)
+
+@pytest.mark.slow
+def test_brain_mri_3d_distill_logs_every_loss_part(brain_teacher):
+    tmp_path, env, uri = brain_teacher
+    teacher_before = torch.load(tmp_path / "runs" / "models" / "model_final.pt", weights_only=True)
+    _bundle_run("brain_mri_3d", ["train_teacher.yaml", "distill.yaml"], tmp_path, env)
     distill = run_summary(uri, latest_run(uri, "brain_mri_3d", "distill"))
     assert {"train_loss", "train_task", "train_kd", "train_attention", "val_accuracy"} <= set(distill["metrics"])
     parts = distill["metrics"]
@@ -83,11 +95,51 @@ def test_brain_mri_3d_teacher_train_then_evaluate_tracked_in_mlflow(tmp_path, su
     )
     assert distill["params"]["student"] == "ShallowCNN"
     assert distill["params"]["teacher_checkpoint"] == str(tmp_path / "runs" / "models" / "model.pt")
-    student = ShallowCNN(3, 1, 4)
-    load_weights(student, str(tmp_path / "runs" / "student" / "model_final.pt"))
     assert {"model.pt", "model_final.pt"} <= set(distill["artifacts"])
+    load_weights(ShallowCNN(3, 1, 4), str(tmp_path / "runs" / "student" / "model_final.pt"))
     teacher_after = torch.load(tmp_path / "runs" / "models" / "model_final.pt", weights_only=True)
-    assert all(torch.equal(state[k], teacher_after[k]) for k in state)  # the teacher checkpoints are left alone
+    assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)  # checkpoints left alone
+
+
+@pytest.mark.slow
+def test_brain_mri_3d_distill_with_torchrun_two_ranks_on_gloo(brain_teacher):
+    """`torchrun --nproc_per_node=2` with the multi-GPU override: both ranks end with the same student."""
+    tmp_path, env, uri = brain_teacher
+    root = REPO / "bundles" / "brain_mri_3d"
+    files = [str(root / "configs" / name) for name in ("train_teacher.yaml", "distill.yaml", "multi_gpu_distill.yaml")]
+    command = [
+        str(VENV_BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        repr(files),
+        "--bundle_root",
+        str(root),
+        "--output_dir",
+        str(tmp_path / "runs"),
+        "--dataset_dir",
+        str(tmp_path / "data"),
+        "--run_name",
+        "distill_ddp",
+        "--save_rank_weights",
+        "true",
+        *TINY[:-1],
+        "2",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "runs" / "student_rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "runs" / "student_rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    saved = torch.load(tmp_path / "runs" / "student" / "model_final.pt", weights_only=True)  # by rank 0
+    assert saved.keys() == rank0.keys() and all(torch.equal(saved[k], rank0[k]) for k in rank0)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("brain_mri_3d").experiment_id])
+    assert [r.info.run_name for r in runs].count("distill_ddp") == 1  # only rank 0 logs
 
 
 @pytest.mark.slow

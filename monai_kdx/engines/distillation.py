@@ -13,8 +13,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from ignite.engine import EventEnum
 from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer, SimpleInferer
 from torch import nn
 
@@ -130,6 +132,18 @@ class DistillationTrainer(SupervisedTrainer):
             event_names=[*(event_names or []), DistillationEvents],
             **kwargs,
         )
+        if any(p.requires_grad for p in loss_function.parameters()):
+            self.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._average_loss_gradients)
+
+    def _average_loss_gradients(self, engine: DistillationTrainer) -> None:
+        """Under DDP, average the gradients of the loss's own parameters (feature adapters) across
+        ranks: they live outside the student's DDP wrapper, so DDP does not synchronize them."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for parameter in self.distillation_loss.parameters():
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad)
+                parameter.grad /= dist.get_world_size()
 
 
 def _check_compatible(student: nn.Module, teacher: nn.Module) -> None:
