@@ -97,6 +97,8 @@ def test_brain_mri_3d_distill_logs_every_loss_part(brain_teacher):
     assert distill["params"]["teacher_checkpoint"] == str(tmp_path / "runs" / "models" / "model.pt")
     assert {"model.pt", "model_final.pt"} <= set(distill["artifacts"])
     load_weights(ShallowCNN(3, 1, 4), str(tmp_path / "runs" / "student" / "model_final.pt"))
+    saved = torch.load(tmp_path / "runs" / "student" / "model_final.pt", weights_only=True)
+    assert set(saved) == {"model", "distillation_loss"}  # student + loss (adapters), no teacher
     teacher_after = torch.load(tmp_path / "runs" / "models" / "model_final.pt", weights_only=True)
     assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)  # checkpoints left alone
 
@@ -135,7 +137,7 @@ def test_brain_mri_3d_distill_with_torchrun_two_ranks_on_gloo(brain_teacher):
     rank1 = torch.load(tmp_path / "runs" / "student_rank1.pt", weights_only=True)
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    saved = torch.load(tmp_path / "runs" / "student" / "model_final.pt", weights_only=True)  # by rank 0
+    saved = torch.load(tmp_path / "runs" / "student" / "model_final.pt", weights_only=True)["model"]  # by rank 0
     assert saved.keys() == rank0.keys() and all(torch.equal(saved[k], rank0[k]) for k in rank0)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("brain_mri_3d").experiment_id])
