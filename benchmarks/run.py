@@ -106,6 +106,117 @@ def teacher_throughput(quick: bool) -> dict[str, Any]:
     }
 
 
+def _timed(step: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of ``step`` over ``repeats`` calls after one warm-up call."""
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _teacher_and_student(size: int):
+    import torch
+    from monai.networks.nets import DenseNet121
+
+    from monai_kdx.networks import ShallowCNN
+
+    torch.manual_seed(0)
+    teacher = DenseNet121(spatial_dims=3, in_channels=1, out_channels=4, init_features=16, growth_rate=8)
+    return teacher, ShallowCNN(3, 1, 4)
+
+
+@benchmark
+def distillation_step(quick: bool) -> dict[str, Any]:
+    """Cost of one DistillationTrainer iteration (KD + attention transfer, as in distill.yaml) against
+    its floor: a plain student training step plus a teacher forward without autograd, same run."""
+    import torch
+    from ignite.engine import Events
+
+    from monai_kdx.engines import DistillationTrainer
+    from monai_kdx.losses import AttentionTransferLoss, DistillationLoss, KnowledgeDistillationLoss
+
+    size, batch, repeats = (32, 2, 3) if quick else (64, 8, 7)
+    teacher, student = _teacher_and_student(size)
+    images = torch.randn(batch, 1, size, size, size)
+    labels = torch.randint(0, 4, (batch,))
+    loss = DistillationLoss(
+        {
+            "logits": KnowledgeDistillationLoss(4.0, 0.7),
+            "attention": AttentionTransferLoss(
+                ["blocks.1", "blocks.2", "blocks.3"],
+                ["features.denseblock1", "features.denseblock2", "features.denseblock3"],
+                beta=100.0,
+            ),
+        }
+    )
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-4)
+    trainer = DistillationTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[{"image": images, "label": labels}] * (repeats + 1),
+        network=student,
+        teacher_network=teacher,
+        loss_function=loss,
+        optimizer=optimizer,
+    )
+
+    def floor_step() -> None:
+        with torch.no_grad():
+            teacher(images)
+        student.train()
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(student(images), labels).backward()
+        optimizer.step()
+
+    floor, distill, started = [], [], []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: started.append(time.perf_counter()))
+
+    def after_iteration(_: Any) -> None:  # time the real iteration, then a floor step right after it
+        distill.append(time.perf_counter() - started[-1])
+        start = time.perf_counter()
+        floor_step()
+        floor.append(time.perf_counter() - start)
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, after_iteration)
+    trainer.run()
+    floor, distill = floor[1:], distill[1:]  # drop the warm-up iteration
+    return {
+        "spatial_size": size,
+        "batch_size": batch,
+        "floor_step_s": statistics.median(floor),
+        "distillation_step_s": statistics.median(distill),
+        "ratio_distillation_to_student_step_plus_teacher_forward": statistics.median(distill)
+        / statistics.median(floor),
+        "target": "<= 1.15",
+    }
+
+
+@benchmark
+def explanation_time(quick: bool) -> dict[str, Any]:
+    """Hierarchical explanation (channel-mean map of every convolution, resized to the input) of the
+    3D teacher against the shallow student, same run."""
+    import torch
+
+    from monai_kdx.explain import conv_layer_paths, hierarchical_activation_maps
+
+    size, repeats = (32, 3) if quick else (64, 7)
+    teacher, student = _teacher_and_student(size)
+    image = torch.randn(1, 1, size, size, size)
+    seconds = {}
+    for name, network in (("teacher", teacher), ("student", student)):
+        seconds[name] = _timed(lambda network=network: hierarchical_activation_maps(network, image), repeats)
+    return {
+        "spatial_size": size,
+        "levels": {"teacher": len(conv_layer_paths(teacher)), "student": len(conv_layer_paths(student))},
+        "seconds": seconds,
+        "ratio_teacher_to_student_explanation_time": seconds["teacher"] / seconds["student"],
+        "target": ">= 2",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {sorted(BENCHMARKS)})")
