@@ -217,6 +217,81 @@ def explanation_time(quick: bool) -> dict[str, Any]:
     }
 
 
+@benchmark
+def distillation_accuracy(quick: bool) -> dict[str, Any]:
+    """Teacher vs KD student vs the same student trained without a teacher, through the real bundles
+    (train_teacher.yaml, distill.yaml, evaluate.yaml) on the 3D brain MRI dataset: test accuracy,
+    parameters, MACs, CPU inference latency and hierarchical explanation time."""
+    import tempfile
+
+    import torch
+
+    from monai_kdx.explain import hierarchical_activation_maps
+    from monai_kdx.networks import ShallowCNN, count_macs, count_parameters, load_weights
+    from monai_kdx.pipeline import QUICK_OVERRIDES, run_bundle
+
+    settings = dict(QUICK_OVERRIDES) if quick else {}
+    size = settings.get("spatial_size", 64)
+    student_def = {
+        "_target_": "monai_kdx.networks.ShallowCNN",
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": "@num_classes",
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        settings.update(output_dir=folder, dataset_dir=os.path.join(folder, "data"))
+        stages = {
+            "teacher": (["train_teacher.yaml"], {}, os.path.join(folder, "models", "model.pt")),
+            "kd_student": (["train_teacher.yaml", "distill.yaml"], {}, os.path.join(folder, "student", "model.pt")),
+            "scratch_student": (
+                ["train_teacher.yaml"],
+                {"network_def": student_def, "ckpt_dir": os.path.join(folder, "scratch"), "run_name": "train_scratch"},
+                os.path.join(folder, "scratch", "model.pt"),
+            ),
+        }
+        rows: dict[str, dict[str, Any]] = {}
+        image = torch.randn(1, 1, size, size, size)
+        for name, (configs, extra, checkpoint) in stages.items():
+            train = run_bundle("brain_mri_3d", configs, ["train#trainer"], **settings, **extra)
+            network_extra = {} if name == "teacher" else {"network_def": student_def}
+            test = run_bundle(
+                "brain_mri_3d",
+                ["train_teacher.yaml", "evaluate.yaml"],
+                ["evaluator"],
+                **settings,
+                **network_extra,
+                ckpt_path=checkpoint,
+                run_name=f"evaluate_{name}",
+            )
+            if name == "teacher":
+                from monai.networks.nets import DenseNet121
+
+                network = DenseNet121(spatial_dims=3, in_channels=1, out_channels=4, init_features=16, growth_rate=8)
+            else:
+                network = ShallowCNN(3, 1, 4)
+            load_weights(network, checkpoint).eval()
+            with torch.no_grad():
+                latency = _timed(lambda network=network: network(image), 5)
+            rows[name] = {
+                "test_accuracy": test.metrics["test_accuracy"],
+                "params": count_parameters(network),
+                "macs": count_macs(network, (1, size, size, size)),
+                "inference_s": latency,
+                "explanation_s": _timed(lambda network=network: hierarchical_activation_maps(network, image), 3),
+                "train_s": train.seconds,
+            }
+    teacher, kd, scratch = rows["teacher"], rows["kd_student"], rows["scratch_student"]
+    return {
+        "spatial_size": size,
+        "rows": rows,
+        "ratio_kd_minus_scratch_accuracy": kd["test_accuracy"] - scratch["test_accuracy"],
+        "ratio_teacher_minus_kd_accuracy": teacher["test_accuracy"] - kd["test_accuracy"],
+        "ratio_teacher_to_student_explanation_time": teacher["explanation_s"] / kd["explanation_s"],
+        "ratio_teacher_to_student_inference_time": teacher["inference_s"] / kd["inference_s"],
+        "targets": "KD >= scratch; teacher - KD <= 0.02; explanation ratio >= 2",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {sorted(BENCHMARKS)})")
