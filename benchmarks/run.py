@@ -51,7 +51,7 @@ def import_time(quick: bool) -> dict[str, Any]:
     return {
         "seconds": seconds,
         "ratio_monai_kdx_to_torch": seconds["monai_kdx"] / seconds["torch"],
-        "ratio_networks_to_torch": seconds["monai_kdx.networks"] / seconds["torch"],
+        "ratio_networks_to_monai": seconds["monai_kdx.networks"] / seconds["monai"],
         "ratio_data_to_monai": seconds["monai_kdx.data"] / seconds["monai"],
     }
 

@@ -119,11 +119,12 @@ def test_brain_lesion_locations():
 def test_labels_are_balanced_in_blocks():
     labels = [label_of(i, 7, 4) for i in range(10)]
     assert sorted(labels[:4]) == sorted(labels[4:8]) == [0, 1, 2, 3]
-    assert np.bincount(labels, minlength=4).tolist() in ([3, 3, 2, 2], [3, 2, 3, 2], [2, 3, 3, 2]) or (
-        sorted(np.bincount(labels, minlength=4)) == [2, 2, 3, 3]
-    )
+    assert len(set(labels[8:])) == 2  # the partial last block: two different classes
+    counts = np.bincount(labels, minlength=4)
+    assert sorted(counts.tolist()) == [2, 2, 3, 3] and set(np.flatnonzero(counts == 3)) == set(labels[8:])
+    blocks = {tuple(label_of(i, 7, 4) for i in range(4 * b, 4 * b + 4)) for b in range(20)}
+    assert len(blocks) > 1  # the order within blocks is shuffled, not i % 4
     assert [label_of(i, 7, 4) for i in range(40)] != [label_of(i, 8, 4) for i in range(40)]
-    assert labels != [i % 4 for i in range(10)] or labels != [label_of(i, 9, 4) for i in range(10)]
 
 
 def test_splits_are_stratified():
@@ -350,7 +351,10 @@ def test_rewriting_the_same_dataset_is_a_no_op(written, monkeypatch):
         == written["brain"]
     )
     assert ensure_dataset(folder, "brain-mri-3d", 4, 0, spatial_size=32) == str(written["brain"])
+    with pytest.raises(DatasetExistsError, match=r"different dataset \(differs in \['seed'\]"):
+        write_dataset(folder, "brain-mri-3d", n=4, seed=1, spatial_size=32)
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == before
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
 
 
 def test_write_errors_happen_before_any_work(tmp_path, monkeypatch):

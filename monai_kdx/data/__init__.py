@@ -20,6 +20,7 @@ from monai_kdx.data.io import DatasetExistsError, ensure_dataset, load_datalist,
 from monai_kdx.data.synthetic import (
     BrainMRIGenerator,
     ChestXRayGenerator,
+    Component,
     LesionRecipe,
     RetinaGenerator,
     SyntheticGenerator,
@@ -28,6 +29,7 @@ from monai_kdx.data.synthetic import (
     generate_dataset,
     generate_sample,
     get_generator,
+    iter_samples,
 )
 
 __all__ = [
@@ -37,8 +39,10 @@ __all__ = [
     "ChestXRayGenerator",
     "RetinaGenerator",
     "LesionRecipe",
+    "Component",
     "generate_sample",
     "generate_dataset",
+    "iter_samples",
     "get_generator",
     "class_names",
     "write_dataset",
