@@ -19,29 +19,22 @@ from monai_kdx.tracking import latest_run, run_summary
 TINY = ["--n_samples", "12", "--spatial_size", "32", "--max_epochs", "2", "--batch_size", "4"]
 
 
-def _bundle_run(bundle: str, configs: list[str], tmp_path, env, *extra: str) -> subprocess.CompletedProcess:
+def _bundle_run(
+    bundle: str, configs: list[str], tmp_path, env, *extra: str, launcher: tuple[str, ...] = (sys.executable, "-m")
+) -> subprocess.CompletedProcess:
+    """`<launcher> monai.bundle run` on tiny settings, outputs and data under ``tmp_path``; asserts success."""
     root = REPO / "bundles" / bundle
     files = [str(root / "configs" / name) for name in configs]
     command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        files[0] if len(files) == 1 else repr(files),
-        "--meta_file",
-        str(root / "configs" / "metadata.json"),
-        "--logging_file",
-        str(root / "configs" / "logging.conf"),
-        "--bundle_root",
-        str(root),
-        "--output_dir",
-        str(tmp_path / "runs"),
-        "--dataset_dir",
-        str(tmp_path / "data"),
-        *TINY,
-        *extra,
-    ]
+        *launcher, "monai.bundle", "run",
+        "--config_file", files[0] if len(files) == 1 else repr(files),
+        "--meta_file", str(root / "configs" / "metadata.json"),
+        "--logging_file", str(root / "configs" / "logging.conf"),
+        "--bundle_root", str(root),
+        "--output_dir", str(tmp_path / "runs"),
+        "--dataset_dir", str(tmp_path / "data"),
+        *TINY, *extra,
+    ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -107,32 +100,10 @@ def test_brain_mri_3d_distill_logs_every_loss_part(brain_teacher):
 def test_brain_mri_3d_distill_with_torchrun_two_ranks_on_gloo(brain_teacher):
     """`torchrun --nproc_per_node=2` with the multi-GPU override: both ranks end with the same student."""
     tmp_path, env, uri = brain_teacher
-    root = REPO / "bundles" / "brain_mri_3d"
-    files = [str(root / "configs" / name) for name in ("train_teacher.yaml", "distill.yaml", "multi_gpu_distill.yaml")]
-    command = [
-        str(VENV_BIN / "torchrun"),
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        repr(files),
-        "--bundle_root",
-        str(root),
-        "--output_dir",
-        str(tmp_path / "runs"),
-        "--dataset_dir",
-        str(tmp_path / "data"),
-        "--run_name",
-        "distill_ddp",
-        "--save_rank_weights",
-        "true",
-        *TINY[:-1],
-        "2",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun = (str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m")
+    configs = ["train_teacher.yaml", "distill.yaml", "multi_gpu_distill.yaml"]
+    extra = ("--run_name", "distill_ddp", "--save_rank_weights", "true")
+    _bundle_run("brain_mri_3d", configs, tmp_path, env, *extra, launcher=torchrun)
     rank0 = torch.load(tmp_path / "runs" / "student_rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "runs" / "student_rank1.pt", weights_only=True)
     assert rank0.keys() == rank1.keys()
