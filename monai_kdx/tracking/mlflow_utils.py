@@ -77,7 +77,10 @@ def run_summary(tracking_uri: str, run: Any) -> dict[str, Any]:
     pending = [None]
     while pending:
         for item in client.list_artifacts(run.info.run_id, pending.pop()):
-            (pending.append(item.path) if item.is_dir else artifacts.append(item.path))
+            if item.is_dir:
+                pending.append(item.path)
+            else:
+                artifacts.append(item.path)
     return {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
