@@ -56,12 +56,23 @@ def import_time(quick: bool) -> dict[str, Any]:
     }
 
 
+def _teacher_and_student() -> tuple[Any, Any]:
+    """The brain_mri_3d bundle's networks: the teacher (narrow DenseNet121) and the ShallowCNN student."""
+    import torch
+    from monai.networks.nets import DenseNet121
+
+    from monai_kdx.networks import ShallowCNN
+
+    torch.manual_seed(0)
+    teacher = DenseNet121(spatial_dims=3, in_channels=1, out_channels=4, init_features=16, growth_rate=8)
+    return teacher, ShallowCNN(3, 1, 4)
+
+
 @benchmark
 def teacher_throughput(quick: bool) -> dict[str, Any]:
     """Teacher training throughput (volumes/s) on the 3D brain MRI dataset, with the inference rate
     measured in the same run as the baseline for the ratio."""
     import torch
-    from monai.networks.nets import DenseNet121
 
     from monai_kdx.data import generate_dataset
 
@@ -69,8 +80,7 @@ def teacher_throughput(quick: bool) -> dict[str, Any]:
     samples = generate_dataset("brain-mri-3d", n=batch * 2, seed=0, spatial_size=size)
     images = torch.stack([torch.as_tensor(s.image)[None] for s in samples[:batch]]).float()
     labels = torch.tensor([s.label for s in samples[:batch]])
-    torch.manual_seed(0)
-    network = DenseNet121(spatial_dims=3, in_channels=1, out_channels=4, init_features=16, growth_rate=8)
+    network, _ = _teacher_and_student()
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
     loss_function = torch.nn.CrossEntropyLoss()
 
@@ -117,17 +127,6 @@ def _timed(step: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _teacher_and_student(size: int):
-    import torch
-    from monai.networks.nets import DenseNet121
-
-    from monai_kdx.networks import ShallowCNN
-
-    torch.manual_seed(0)
-    teacher = DenseNet121(spatial_dims=3, in_channels=1, out_channels=4, init_features=16, growth_rate=8)
-    return teacher, ShallowCNN(3, 1, 4)
-
-
 @benchmark
 def distillation_step(quick: bool) -> dict[str, Any]:
     """Cost of one DistillationTrainer iteration (KD + attention transfer, as in distill.yaml) against
@@ -139,7 +138,7 @@ def distillation_step(quick: bool) -> dict[str, Any]:
     from monai_kdx.losses import AttentionTransferLoss, DistillationLoss, KnowledgeDistillationLoss
 
     size, batch, repeats = (32, 2, 3) if quick else (64, 8, 7)
-    teacher, student = _teacher_and_student(size)
+    teacher, student = _teacher_and_student()
     images = torch.randn(batch, 1, size, size, size)
     labels = torch.randint(0, 4, (batch,))
     loss = DistillationLoss(
@@ -203,7 +202,7 @@ def explanation_time(quick: bool) -> dict[str, Any]:
     from monai_kdx.explain import conv_layer_paths, hierarchical_activation_maps
 
     size, repeats = (32, 3) if quick else (64, 7)
-    teacher, student = _teacher_and_student(size)
+    teacher, student = _teacher_and_student()
     image = torch.randn(1, 1, size, size, size)
     seconds = {}
     for name, network in (("teacher", teacher), ("student", student)):
@@ -227,7 +226,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
     import torch
 
     from monai_kdx.explain import hierarchical_activation_maps
-    from monai_kdx.networks import ShallowCNN, count_macs, count_parameters, load_weights
+    from monai_kdx.networks import count_macs, count_parameters, load_weights
     from monai_kdx.pipeline import QUICK_OVERRIDES, run_bundle
 
     settings = dict(QUICK_OVERRIDES) if quick else {}
@@ -263,12 +262,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
                 ckpt_path=checkpoint,
                 run_name=f"evaluate_{name}",
             )
-            if name == "teacher":
-                from monai.networks.nets import DenseNet121
-
-                network = DenseNet121(spatial_dims=3, in_channels=1, out_channels=4, init_features=16, growth_rate=8)
-            else:
-                network = ShallowCNN(3, 1, 4)
+            network = _teacher_and_student()[0 if name == "teacher" else 1]
             load_weights(network, checkpoint).eval()
             with torch.no_grad():
                 latency = _timed(lambda network=network: network(image), 5)
