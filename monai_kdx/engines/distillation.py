@@ -36,24 +36,34 @@ class _TeacherStudentInferer:
     """Runs the teacher (eval mode, no autograd, inside the caller's autocast context) and then the
     student, capturing the layers the distillation loss needs from each."""
 
-    def __init__(self, inferer: Inferer, teacher: nn.Module, loss: DistillationLoss, trainer: DistillationTrainer):
+    def __init__(
+        self,
+        inferer: Inferer,
+        student: nn.Module,
+        teacher: nn.Module,
+        loss: DistillationLoss,
+        trainer: DistillationTrainer,
+    ):
         self.inferer = inferer
         self.teacher = teacher
-        self.student_layers = loss.student_layers
-        self.teacher_layers = loss.teacher_layers
+        # built once (this validates the layer paths); re-entered every iteration, hooks only inside `with`
+        self.student_capture = FeatureCapture(student, loss.student_layers)
+        self.teacher_capture = FeatureCapture(teacher, loss.teacher_layers, detach=True)
         self.trainer = trainer
         self.student_outputs: dict[str, torch.Tensor] = {}
         self.teacher_outputs: dict[str, torch.Tensor] = {}
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.teacher.eval()
-        with torch.no_grad(), FeatureCapture(self.teacher, self.teacher_layers, detach=True) as teacher_features:
+        with torch.no_grad(), self.teacher_capture as teacher_features:
             teacher_logits = self.inferer(inputs, self.teacher, *args, **kwargs)
         self.teacher_outputs = {"logits": teacher_logits, **teacher_features}
+        teacher_features.clear()
         self.trainer.fire_event(DistillationEvents.TEACHER_FORWARD_COMPLETED)
-        with FeatureCapture(network, self.student_layers) as student_features:
+        with self.student_capture as student_features:
             student_logits = self.inferer(inputs, network, *args, **kwargs)
         self.student_outputs = {"logits": student_logits, **student_features}
+        student_features.clear()
         return student_logits
 
 
@@ -120,11 +130,11 @@ class DistillationTrainer(SupervisedTrainer):
                 f"loss_function must be a DistillationLoss or DistillationTerm, got {type(loss_function).__name__}."
             )
         _check_compatible(network, teacher_network)
-        FeatureCapture(network, loss_function.student_layers)  # validates the paths (close matches listed)
-        FeatureCapture(teacher_network, loss_function.teacher_layers)
         self.teacher_network = teacher_network
         self.distillation_loss = loss_function
-        self._distill_inferer = _TeacherStudentInferer(inferer or SimpleInferer(), teacher_network, loss_function, self)
+        self._distill_inferer = _TeacherStudentInferer(  # validates the layer paths (close matches listed)
+            inferer or SimpleInferer(), network, teacher_network, loss_function, self
+        )
         super().__init__(
             network=network,
             loss_function=_DistillationObjective(loss_function, self._distill_inferer, self),
