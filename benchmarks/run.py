@@ -216,6 +216,86 @@ def explanation_time(quick: bool) -> dict[str, Any]:
     }
 
 
+CAM_METHODS = ("hierarchical_cam", "monai_gradcam_one_layer", "captum_layergradcam_per_layer", "floor")
+
+
+def _cam_setup(size: int) -> tuple[Any, Any, list[str], Callable[[str], Callable[[], Any]]]:
+    """A MONAI DenseNet121 (3D, 1 channel in, 2 classes), a 1×1×size³ input, its four dense blocks,
+    and a factory: method name → a call that explains the input with that method."""
+    import torch
+    import torch.nn.functional as F
+    from captum.attr import LayerGradCam
+    from monai.networks.nets import DenseNet121
+    from monai.visualize import GradCAM
+
+    from monai_kdx.explain import HierarchicalCAM
+    from monai_kdx.networks import FeatureCapture
+
+    torch.manual_seed(0)
+    network = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2).eval()
+    image = torch.randn(1, 1, size, size, size)
+    layers = [f"features.denseblock{i}" for i in range(1, 5)]
+
+    def floor() -> Any:  # one forward, one backward to the shallowest level, nothing else
+        with torch.enable_grad(), FeatureCapture(network, layers[:1]) as features:
+            return torch.autograd.grad(network(image)[:, 1].sum(), features[layers[0]])
+
+    def captum_per_layer() -> Any:
+        return [
+            F.interpolate(
+                LayerGradCam(network, network.get_submodule(path)).attribute(image, target=1, relu_attributions=True),
+                size=image.shape[2:],
+                mode="trilinear",
+            )
+            for path in layers
+        ]
+
+    ours = HierarchicalCAM(network, layers)
+    monai_cam = GradCAM(network, target_layers=layers[-1])
+    calls = {
+        "hierarchical_cam": lambda: ours.cam(image, 1),
+        "monai_gradcam_one_layer": lambda: monai_cam(image, class_idx=1),
+        "captum_layergradcam_per_layer": captum_per_layer,
+        "floor": floor,
+    }
+    return network, image, layers, calls.__getitem__
+
+
+def _cam_peak_memory_mb(method: str, size: int) -> float:
+    """Peak resident memory (MiB) of one call of ``method`` above the resident memory just before it
+    (network and input already built), in a fresh process; Linux resets the peak through clear_refs."""
+    here = str(Path(__file__).resolve().parent)
+    code = (
+        f"import sys; sys.path.insert(0, {here!r}); import run, torch; torch.set_num_threads(1);"
+        f"_, _, _, make = run._cam_setup({size}); call = make({method!r});"
+        "kib = lambda key: int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1]);"
+        "open('/proc/self/clear_refs', 'w').write('5'); before = kib('VmRSS');"
+        "call(); print((kib('VmHWM') - before) / 1024)"
+    )
+    return float(subprocess.check_output([sys.executable, "-c", code], text=True).split()[-1])
+
+
+@benchmark
+def cam_speed(quick: bool) -> dict[str, Any]:
+    """All four levels of HierarchicalCAM (features.denseblock1-4) against ONE MONAI ``GradCAM`` call on
+    one layer, against captum's ``LayerGradCam`` called once per layer, and against the floor (one
+    forward + one backward to the shallowest level), on a 3D DenseNet121 with a 1×1×96³ input."""
+    size, repeats = (32, 2) if quick else (96, 3)
+    _, _, layers, make = _cam_setup(size)
+    seconds = {method: _timed(make(method), repeats) for method in CAM_METHODS}
+    return {
+        "network": "monai DenseNet121(spatial_dims=3, in_channels=1, out_channels=2)",
+        "input": [1, 1, size, size, size],
+        "levels": layers,
+        "seconds": seconds,
+        "peak_memory_mib": {method: _cam_peak_memory_mb(method, size) for method in CAM_METHODS},
+        "ratio_ours_to_monai_gradcam": seconds["hierarchical_cam"] / seconds["monai_gradcam_one_layer"],
+        "speedup_over_captum_per_layer": seconds["captum_layergradcam_per_layer"] / seconds["hierarchical_cam"],
+        "ratio_ours_to_floor": seconds["hierarchical_cam"] / seconds["floor"],
+        "targets": {"ratio_ours_to_monai_gradcam": "<= 0.8", "speedup_over_captum_per_layer": ">= 2.2"},
+    }
+
+
 @benchmark
 def distillation_accuracy(quick: bool) -> dict[str, Any]:
     """Teacher vs KD student vs the same student trained without a teacher, through the real bundles

@@ -139,7 +139,7 @@ class Registry:
 
 
 DATASETS = Registry("dataset", builtin_modules=("monai_kdx.data.synthetic",))
-EXPLAINERS = Registry("explainer")
+EXPLAINERS = Registry("explainer", builtin_modules=("monai_kdx.explain.cam",))
 RELEVANCE_METHODS = Registry("relevance method")
 DISTILLATION_LOSSES = Registry("distillation loss", builtin_modules=("monai_kdx.losses.distillation",))
 SALIENCY_LOSSES = Registry("saliency loss")

@@ -1,8 +1,28 @@
-"""Explanations: hierarchical maps and attribution backends shared by transforms, losses and pruning."""
+"""Explanations: the CAM core (hierarchical maps from one forward and one backward pass), pixel
+attribution backends and activation maps, shared by transforms, losses and pruning."""
 
 from __future__ import annotations
 
 from .activation import conv_layer_paths, hierarchical_activation_maps, minmax_normalize
+from .base import Explainer, build_explainer, check_inputs, explain, resolve_targets, restore_mode
+from .cam import CAM_MODES, CAMResult, HierarchicalCAM, cam_from_features, fuse_maps, stage_layers
 from .zennit_backend import import_zennit
 
-__all__ = ["conv_layer_paths", "hierarchical_activation_maps", "import_zennit", "minmax_normalize"]
+__all__ = [
+    "CAM_MODES",
+    "CAMResult",
+    "Explainer",
+    "HierarchicalCAM",
+    "build_explainer",
+    "cam_from_features",
+    "check_inputs",
+    "conv_layer_paths",
+    "explain",
+    "fuse_maps",
+    "hierarchical_activation_maps",
+    "import_zennit",
+    "minmax_normalize",
+    "resolve_targets",
+    "restore_mode",
+    "stage_layers",
+]
