@@ -5,10 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from monai_kdx.engines import DistillationEvents, DistillationTrainer
-from monai_kdx.losses import AttentionTransferLoss, DistillationLoss, FeatureHintLoss, KnowledgeDistillationLoss
+from monai_kdx.explain import HierarchicalCAM
+from monai_kdx.losses import (
+    AttentionTransferLoss,
+    DistillationLoss,
+    ExplanationDistillationLoss,
+    FeatureHintLoss,
+    KnowledgeDistillationLoss,
+)
+from monai_kdx.networks import FeatureCapture
 from monai_kdx.registry import DISTILLATION_LOSSES
 
 
@@ -178,3 +187,85 @@ def test_trainer_rejects_bad_setups_before_training():
         DistillationTrainer(network=_net(2, 4), teacher_network=nn.DataParallel(_net(2, 8)), loss_function=kd, **common)
     with pytest.raises(ValueError, match="DistillationLoss or DistillationTerm"):
         DistillationTrainer(network=_net(2, 4), teacher_network=_net(2, 8), loss_function=nn.MSELoss(), **common)
+
+
+def _outputs(network: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+    with FeatureCapture(network, layers) as features:
+        logits = network(x)
+        return {"logits": logits, **features}
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_explanation_term_compares_the_two_networks_cams_and_trains_the_student(spatial_dims):
+    torch.manual_seed(0)
+    teacher, student = _net(spatial_dims, 8).eval(), _net(spatial_dims, 4).eval()
+    x, y = torch.randn(3, 1, *[6] * spatial_dims), torch.tensor([0, 2, 1])
+    term = ExplanationDistillationLoss(["2"], ["2"], mode="gradcam")
+    value = term.from_outputs(_outputs(student, x, ["2"]), _outputs(teacher, x, ["2"]), y)
+    # the same maps from the public explainer (layer "2" keeps the input's resolution here)
+    expected = F.mse_loss(
+        HierarchicalCAM(student, ["2"]).cam(x, y)["2"], HierarchicalCAM(teacher, ["2"]).cam(x, y)["2"]
+    )
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5) and value.item() > 0
+    # gradients reach the student's first conv and, only through the CAM's weights, its head
+    grads = torch.autograd.grad(value, [student[0].weight, student[-1].weight])
+    assert all(g.abs().sum() > 0 for g in grads)
+    # a student identical to the teacher explains identically: zero loss
+    twin = _net(spatial_dims, 8).eval()
+    twin.load_state_dict(teacher.state_dict())
+    same = term.from_outputs(_outputs(twin, x, ["2"]), _outputs(teacher, x, ["2"]), y)
+    assert same.item() == pytest.approx(0.0, abs=1e-12)
+    # the teacher's prediction as target explains other classes than the labels
+    by_teacher = ExplanationDistillationLoss(["2"], ["2"], target="teacher")
+    assert by_teacher.from_outputs(_outputs(student, x, ["2"]), _outputs(teacher, x, ["2"]), y) != value
+
+
+def test_explanation_term_in_the_trainer_leaves_the_frozen_teacher_untouched():
+    torch.manual_seed(0)
+    teacher, student = _net(2, 8), _net(2, 4)
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    loss = DistillationLoss(
+        {"logits": KnowledgeDistillationLoss(4.0, 0.5), "explanation": ExplanationDistillationLoss(["2"], ["2"])},
+        weights={"explanation": 10.0},
+    )
+    assert loss.needs_teacher_graph
+    data = [{"image": torch.randn(2, 1, 8, 8), "label": torch.tensor([0, 2])} for _ in range(2)]
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    head_before = student[-1].weight.clone()
+    trainer = DistillationTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=data,
+        network=student,
+        teacher_network=teacher,
+        loss_function=loss,
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+        decollate=False,
+    )
+    trainer.run()
+    output = trainer.state.output
+    assert output["explanation"] > 0
+    assert output["loss"].item() == pytest.approx((output["task"] + output["kd"] + output["explanation"]).item())
+    assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not torch.equal(head_before, student[-1].weight)
+    assert trainer._distill_inferer.teacher_graph_outputs is None  # the teacher's graph is freed
+
+
+def test_explanation_term_errors():
+    with pytest.raises(ValueError, match="one to one"):
+        ExplanationDistillationLoss(["a"], ["b", "c"])
+    with pytest.raises(ValueError, match="unknown CAM mode"):
+        ExplanationDistillationLoss(["a"], ["b"], mode="cam")
+    with pytest.raises(ValueError, match="distance"):
+        ExplanationDistillationLoss(["a"], ["b"], distance="kl")
+    with pytest.raises(ValueError, match="target"):
+        ExplanationDistillationLoss(["a"], ["b"], target="pred")
+    teacher, student = _net(2, 8), _net(2, 4)
+    x = torch.randn(1, 1, 6, 6)
+    with torch.no_grad():
+        detached = _outputs(teacher, x, ["2"])
+    with pytest.raises(ValueError, match="no autograd graph"):
+        ExplanationDistillationLoss(["2"], ["2"]).from_outputs(_outputs(student, x, ["2"]), detached, torch.tensor([0]))
+    assert DISTILLATION_LOSSES.get("explanation") is ExplanationDistillationLoss

@@ -48,16 +48,23 @@ class _TeacherStudentInferer:
         self.teacher = teacher
         # built once (this validates the layer paths); re-entered every iteration, hooks only inside `with`
         self.student_capture = FeatureCapture(student, loss.student_layers)
-        self.teacher_capture = FeatureCapture(teacher, loss.teacher_layers, detach=True)
+        self.teacher_graph = loss.needs_teacher_graph
+        self.teacher_capture = FeatureCapture(teacher, loss.teacher_layers, detach=not self.teacher_graph)
         self.trainer = trainer
         self.student_outputs: dict[str, torch.Tensor] = {}
         self.teacher_outputs: dict[str, torch.Tensor] = {}
+        self.teacher_graph_outputs: dict[str, torch.Tensor] | None = None
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.teacher.eval()
-        with torch.no_grad(), self.teacher_capture as teacher_features:
-            teacher_logits = self.inferer(inputs, self.teacher, *args, **kwargs)
-        self.teacher_outputs = {"logits": teacher_logits, **teacher_features}
+        teacher_inputs = inputs
+        if self.teacher_graph and not any(p.requires_grad for p in self.teacher.parameters()):
+            teacher_inputs = inputs.detach().requires_grad_(True)  # a frozen teacher: start the graph here
+        with torch.set_grad_enabled(self.teacher_graph), self.teacher_capture as teacher_features:
+            teacher_logits = self.inferer(teacher_inputs, self.teacher, *args, **kwargs)
+        graph = {"logits": teacher_logits, **teacher_features}
+        self.teacher_outputs = {name: value.detach() for name, value in graph.items()}
+        self.teacher_graph_outputs = graph if self.teacher_graph else None
         teacher_features.clear()
         self.trainer.fire_event(DistillationEvents.TEACHER_FORWARD_COMPLETED)
         with self.student_capture as student_features:
@@ -77,12 +84,13 @@ class _DistillationObjective:
         self.trainer = trainer
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        parts = self.loss(self.inferer.student_outputs, self.inferer.teacher_outputs, target)
+        inferer = self.inferer
+        parts = self.loss(inferer.student_outputs, inferer.teacher_outputs, target, inferer.teacher_graph_outputs)
         output = self.trainer.state.output
         for name, value in parts.items():
             if name != "total":
                 output[name] = value.detach()
-        self.inferer.student_outputs, self.inferer.teacher_outputs = {}, {}  # free the captured maps
+        inferer.student_outputs, inferer.teacher_outputs, inferer.teacher_graph_outputs = {}, {}, None  # free maps
         return parts["total"]
 
 
@@ -91,8 +99,10 @@ class DistillationTrainer(SupervisedTrainer):
 
     Same arguments as :class:`monai.engines.SupervisedTrainer` (``train_handlers``,
     ``key_train_metric``, ``max_epochs``, ``amp``, …), plus the teacher. The teacher is kept in eval
-    mode every iteration, runs without autograd in the student's autocast context, and is never
-    wrapped in DDP; checkpoint the student (and the loss, which holds any adapters), not the teacher.
+    mode every iteration, runs without autograd in the student's autocast context (with autograd only
+    when a term such as :class:`~monai_kdx.losses.ExplanationDistillationLoss` needs the teacher's
+    gradients; its parameters still get none), and is never wrapped in DDP. Checkpoint the student (and
+    the loss, which holds any adapters), not the teacher.
 
     Inputs are (B, C_in, H, W) or (B, C_in, H, W, D); the loss receives ``{"logits": (B, K), <layer>:
     (B, C_l, *spatial_l)}`` for each network. ``engine.state.output`` holds ``loss`` (the total) and each

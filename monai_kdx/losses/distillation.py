@@ -1,11 +1,13 @@
-"""Knowledge distillation losses: logits (Hinton), feature hints (FitNets), attention transfer, and
-a weighted sum of named terms.
+"""Knowledge distillation losses: logits (Hinton), feature hints (FitNets), attention transfer,
+explanation distillation (student CAM vs teacher CAM), and a weighted sum of named terms.
 
 Every term works on *outputs*: a mapping with the network's ``"logits"`` (B, C) and, for each layer
 path the term asks for in ``student_layers``/``teacher_layers``, that layer's feature map
 (B, C_l, H, W) in 2D or (B, C_l, H, W, D) in 3D. The trainer captures exactly those layers (with
 :class:`monai_kdx.networks.FeatureCapture`) and calls :class:`DistillationLoss`, which returns each
-named part and their weighted ``"total"``.
+named part and their weighted ``"total"``. A term that needs the teacher's autograd graph (the
+explanation term: a CAM needs the teacher's gradients) says so with ``needs_teacher_graph``; every
+other term only ever sees detached teacher outputs.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "KnowledgeDistillationLoss",
     "FeatureHintLoss",
     "AttentionTransferLoss",
+    "ExplanationDistillationLoss",
     "DistillationLoss",
     "match_spatial",
 ]
@@ -43,11 +46,13 @@ class DistillationTerm(nn.Module):
     """Base of the terms :class:`DistillationLoss` combines.
 
     Subclasses set ``student_layers``/``teacher_layers`` (the module paths they need) and implement
-    :meth:`from_outputs`.
+    :meth:`from_outputs`. ``needs_teacher_graph = True`` asks the trainer to run the teacher with autograd
+    (its parameters still get no gradient) and to pass this term the teacher outputs with their graph.
     """
 
     student_layers: tuple[str, ...] = ()
     teacher_layers: tuple[str, ...] = ()
+    needs_teacher_graph: bool = False
 
     def from_outputs(self, student: Outputs, teacher: Outputs, target: torch.Tensor) -> torch.Tensor | dict[str, Any]:
         """The term's value (a scalar, or a dict of named scalars) from the two networks' outputs."""
@@ -238,6 +243,86 @@ class AttentionTransferLoss(DistillationTerm):
         return 0.5 * self.beta * total
 
 
+@DISTILLATION_LOSSES.register("explanation")
+class ExplanationDistillationLoss(DistillationTerm):
+    """Explanation distillation: the student's class activation maps should match the teacher's at
+    paired levels, so the compact student explains like its teacher.
+
+    ``mean_j d(CAM_s^j, CAM_t^j)`` over layer pairs ``j``, each CAM min-max normalized per sample and the
+    student's resized to the teacher's resolution; ``d`` is the mean squared (``"mse"``) or absolute
+    (``"l1"``) difference. Both CAMs come from the shared CAM core
+    (:func:`monai_kdx.explain.cam_from_features`): the student's with ``create_graph=True`` (so the loss
+    trains the student, second order through the CAM weights), the teacher's from its own graph,
+    detached. Maps explain the true class (``target="label"``) or the teacher's prediction
+    (``target="teacher"``).
+
+    Args:
+        student_layers: module paths in the student.
+        teacher_layers: module paths in the teacher, one per student layer.
+        mode: CAM mode: ``"gradcam"``, ``"gradcam++"``, ``"layercam"`` or ``"activation"``.
+        distance: ``"mse"`` or ``"l1"``.
+        target: ``"label"`` or ``"teacher"``.
+
+    Raises:
+        ValueError: empty or unequal layer lists, an unknown mode, distance or target.
+    """
+
+    needs_teacher_graph = True
+
+    def __init__(
+        self,
+        student_layers: Sequence[str],
+        teacher_layers: Sequence[str],
+        mode: str = "gradcam",
+        distance: str = "mse",
+        target: str = "label",
+    ) -> None:
+        super().__init__()
+        from monai_kdx.explain.cam import CAM_MODES
+
+        if not student_layers or len(student_layers) != len(teacher_layers):
+            raise ValueError(
+                f"explanation distillation pairs layers one to one; got {len(student_layers)} student and "
+                f"{len(teacher_layers)} teacher layers."
+            )
+        if mode not in CAM_MODES:
+            raise ValueError(f"unknown CAM mode {mode!r}; choose one of {CAM_MODES}.")
+        if distance not in ("mse", "l1"):
+            raise ValueError(f"distance must be 'mse' or 'l1', got {distance!r}.")
+        if target not in ("label", "teacher"):
+            raise ValueError(f"target must be 'label' or 'teacher', got {target!r}.")
+        self.student_layers = tuple(student_layers)
+        self.teacher_layers = tuple(teacher_layers)
+        self.mode, self.distance, self.target = mode, distance, target
+
+    def from_outputs(self, student: Outputs, teacher: Outputs, target: torch.Tensor) -> torch.Tensor:
+        from monai_kdx.explain.cam import cam_from_features
+
+        classes = teacher["logits"].detach().argmax(1) if self.target == "teacher" else target.view(-1).long()
+        if self.mode != "activation" and not teacher["logits"].requires_grad:
+            raise ValueError(
+                "the teacher outputs carry no autograd graph: a gradient CAM of the teacher needs one "
+                "(DistillationTrainer provides it for terms with needs_teacher_graph)."
+            )
+        with torch.enable_grad():
+            teacher_maps = cam_from_features(
+                {path: teacher[path] for path in self.teacher_layers}, teacher["logits"], classes, mode=self.mode
+            )
+        student_maps = cam_from_features(
+            {path: student[path] for path in self.student_layers},
+            student["logits"],
+            classes,
+            mode=self.mode,
+            create_graph=True,
+        )
+        distance = F.mse_loss if self.distance == "mse" else F.l1_loss
+        losses = []
+        for s_path, t_path in zip(self.student_layers, self.teacher_layers, strict=True):
+            teacher_map = teacher_maps[t_path].detach()
+            losses.append(distance(match_spatial(student_maps[s_path], teacher_map.shape[2:]), teacher_map))
+        return torch.stack(losses).mean()
+
+
 class DistillationLoss(nn.Module):
     """A weighted sum of named distillation terms, e.g. logits + feature hints + attention.
 
@@ -289,13 +374,22 @@ class DistillationLoss(nn.Module):
         """Every teacher layer path the terms need (deduplicated, in order)."""
         return list(dict.fromkeys(path for term in self.terms.values() for path in term.teacher_layers))
 
-    def forward(self, student: Outputs, teacher: Outputs, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def needs_teacher_graph(self) -> bool:
+        """Whether a term needs the teacher's autograd graph (the teacher then runs with autograd)."""
+        return any(term.needs_teacher_graph for term in self.terms.values())
+
+    def forward(
+        self, student: Outputs, teacher: Outputs, target: torch.Tensor, teacher_graph: Outputs | None = None
+    ) -> dict[str, torch.Tensor]:
         """Args: ``student``/``teacher``: ``{"logits": (B, C), <layer path>: (B, C_l, *spatial), ...}``;
-        ``target``: (B,) class indices."""
+        ``target``: (B,) class indices; ``teacher_graph``: the teacher outputs with their autograd graph,
+        given only to terms with ``needs_teacher_graph`` (default: ``teacher``)."""
         parts: dict[str, torch.Tensor] = {}
         total = None
         for name, term in self.terms.items():
-            value = term.from_outputs(student, teacher, target)
+            given = teacher_graph if term.needs_teacher_graph and teacher_graph is not None else teacher
+            value = term.from_outputs(student, given, target)
             named = value if isinstance(value, dict) else {name: value}
             for part, tensor in named.items():
                 if part in parts or part == "total":
