@@ -116,8 +116,9 @@ def test_brain_mri_3d_distill_with_torchrun_two_ranks_on_gloo(brain_teacher):
 
 
 @pytest.mark.slow
-def test_chest_xray_2d_teacher_with_monai_tracking_flag(tmp_path, subprocess_env):
-    """`--tracking mlflow` (MONAI's own settings) attaches to the same run as the default handlers."""
+def test_chest_xray_2d_teacher_with_monai_tracking_flag_then_explanation_distillation(tmp_path, subprocess_env):
+    """`--tracking mlflow` (MONAI's own settings) attaches to the same run as the default handlers; the
+    2D distill config (KD + attention + explanation distillation) then trains a student from it."""
     _bundle_run("chest_xray_2d", ["train_teacher.yaml"], tmp_path, subprocess_env, "--tracking", "mlflow")
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"
     client = MlflowClient(uri)
@@ -129,6 +130,14 @@ def test_chest_xray_2d_teacher_with_monai_tracking_flag(tmp_path, subprocess_env
     assert "val_accuracy" in summary["metrics"]
     # MONAI's tracking settings also export the executed config next to the outputs
     assert list((tmp_path / "runs").glob("config_*.json"))
+
+    _bundle_run("chest_xray_2d", ["train_teacher.yaml", "distill.yaml"], tmp_path, subprocess_env)
+    parts = run_summary(uri, latest_run(uri, "chest_xray_2d", "distill"))["metrics"]
+    assert parts["train_explanation"] > 0
+    assert parts["train_loss"] == pytest.approx(
+        parts["train_task"] + parts["train_kd"] + parts["train_attention"] + parts["train_explanation"], rel=1e-4
+    )
+    load_weights(ShallowCNN(2, 1, 3), str(tmp_path / "runs" / "student" / "model_final.pt"))
 
 
 @pytest.mark.parametrize("bundle", ["brain_mri_3d", "chest_xray_2d"])
