@@ -7,12 +7,12 @@ explanation figures.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["focus_point", "planes", "draw_overlay", "dataset_preview", "datalist_preview"]
+__all__ = ["focus_point", "planes", "draw_overlay", "dataset_preview", "datalist_preview", "explanation_figure"]
 
 PLANE_NAMES = ("axial", "coronal", "sagittal")
 
@@ -93,11 +93,6 @@ def dataset_preview(samples: Sequence[Any], path: str | os.PathLike | None = Non
     Returns:
         The matplotlib figure.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     chosen: list[Any] = []
     for label in sorted({s.label for s in samples}):
         chosen += [s for s in samples if s.label == label][:per_class]
@@ -105,7 +100,7 @@ def dataset_preview(samples: Sequence[Any], path: str | os.PathLike | None = Non
         raise ValueError("dataset_preview needs at least one sample.")
     views = 1 if chosen[0].image.ndim == 2 else 3
     columns = views + 1
-    fig, axes = plt.subplots(len(chosen), columns, figsize=(2.2 * columns, 2.2 * len(chosen)), squeeze=False)
+    fig, axes = _subplots(len(chosen), columns)
     for row, sample in zip(axes, chosen, strict=True):
         point = focus_point(sample.image.shape, sample.mask if np.any(sample.mask) else sample.gaze)
         images = planes(sample.image, point)
@@ -115,8 +110,23 @@ def dataset_preview(samples: Sequence[Any], path: str | os.PathLike | None = Non
         names = PLANE_NAMES if views == 3 else ("mask + gaze",)
         for ax, name, image, mask, gaze in zip(row[1:], names, images, masks, gazes, strict=True):
             draw_overlay(ax, image, mask, gaze, title=name, origin=origin)
+    return _finish(fig, path)
+
+
+def _subplots(rows: int, columns: int) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, columns, figsize=(2.2 * columns, 2.2 * rows), squeeze=False)
+
+
+def _finish(fig: Any, path: str | os.PathLike | None) -> Any:
     fig.tight_layout()
     if path is not None:
+        import matplotlib.pyplot as plt
+
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return fig
@@ -149,3 +159,47 @@ def datalist_preview(
         arrays = {key: np.asarray(nib.load(entry[key]).dataobj) for key in ("image", "mask", "gaze")}
         samples.append(SimpleNamespace(**arrays, label=label, class_name=entry.get("class_name", label), index=index))
     return dataset_preview(samples, path, per_class)
+
+
+def explanation_figure(
+    image: np.ndarray,
+    maps: Mapping[str, np.ndarray],
+    path: str | os.PathLike | None = None,
+    mask: np.ndarray | None = None,
+) -> Any:
+    """One PNG of several explanation maps of one image (e.g. the levels of a hierarchical CAM and
+    their fusion). 2D: one overlay per map, side by side. 3D: one row per map with the axial, coronal
+    and sagittal slices through that map's peak.
+
+    Args:
+        image: (H, W) or (H, W, D) image (one channel).
+        maps: name → map of the image's shape, in drawing order.
+        path: where to save the PNG (optional).
+        mask: optional (H, W[, D]) lesion mask, drawn as a red outline.
+
+    Returns:
+        The matplotlib figure.
+
+    Raises:
+        ValueError: no maps, or a map whose shape differs from the image's.
+    """
+    image = np.asarray(image)
+    if not maps:
+        raise ValueError("explanation_figure needs at least one map.")
+    for name, heatmap in maps.items():
+        if np.shape(heatmap) != image.shape:
+            raise ValueError(f"map {name!r} has shape {np.shape(heatmap)}, the image {image.shape}.")
+    if image.ndim == 2:
+        fig, axes = _subplots(1, len(maps))
+        for ax, (name, heatmap) in zip(axes[0], maps.items(), strict=True):
+            draw_overlay(ax, image, mask, np.asarray(heatmap), title=name, origin="upper")
+        return _finish(fig, path)
+    fig, axes = _subplots(len(maps), 3)
+    for row, (name, heatmap) in zip(axes, maps.items(), strict=True):
+        heatmap = np.asarray(heatmap, dtype=np.float64)
+        point = focus_point(image.shape, heatmap)
+        views = zip(planes(image, point), planes(heatmap, point), PLANE_NAMES, strict=True)
+        masks = planes(mask, point) if mask is not None else [None] * 3
+        for ax, (plane, heat, plane_name), plane_mask in zip(row, views, masks, strict=True):
+            draw_overlay(ax, plane, plane_mask, heat, title=f"{name} · {plane_name}")
+    return _finish(fig, path)
