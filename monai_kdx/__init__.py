@@ -23,10 +23,13 @@ _SUBMODULES = (
     "explain",
     "handlers",
     "losses",
+    "metrics",
     "networks",
     "pipeline",
+    "pruning",
     "registry",
     "tracking",
+    "transforms",
 )
 
 __all__ = ["__version__", *_SUBMODULES]

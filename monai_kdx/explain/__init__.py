@@ -4,11 +4,32 @@ attribution backends and activation maps, shared by transforms, losses and pruni
 from __future__ import annotations
 
 from .activation import conv_layer_paths, hierarchical_activation_maps, minmax_normalize
+from .attribution import (
+    AttributionExplainer,
+    GradientShapAttribution,
+    IntegratedGradientsAttribution,
+    LRPAttribution,
+    OcclusionAttribution,
+    SaliencyAttribution,
+    SmoothGradAttribution,
+)
 from .base import Explainer, build_explainer, check_inputs, explain, resolve_targets, restore_mode
 from .cam import CAM_MODES, CAMResult, HierarchicalCAM, cam_from_features, fuse_maps, stage_layers
+from .lrp import LRP_COMPOSITES, find_batchnorm_pairs, make_composite, monai_resnet_canonizer
 from .zennit_backend import import_zennit
 
 __all__ = [
+    "AttributionExplainer",
+    "GradientShapAttribution",
+    "IntegratedGradientsAttribution",
+    "LRPAttribution",
+    "LRP_COMPOSITES",
+    "OcclusionAttribution",
+    "SaliencyAttribution",
+    "SmoothGradAttribution",
+    "find_batchnorm_pairs",
+    "make_composite",
+    "monai_resnet_canonizer",
     "CAM_MODES",
     "CAMResult",
     "Explainer",

@@ -18,6 +18,7 @@ from monai_kdx.networks import num_classes_of, spatial_dims_of, unwrap_network
 
 __all__ = [
     "Explainer",
+    "Target",
     "build_explainer",
     "check_inputs",
     "check_target_range",
@@ -134,7 +135,8 @@ class Explainer:
             target: ``None`` (each sample's predicted class), an int, or a (B,) tensor of ints.
 
         Returns:
-            (B, 1, H, W) or (B, 1, H, W, D) map.
+            (B, 1, H, W) or (B, 1, H, W, D) map ((B, C, …) for explainers built with
+            ``reduce_channels=False``).
         """
         check_inputs(self.network, inputs)
         check_target_range(self.network, target, inputs.shape[0])
