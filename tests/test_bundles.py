@@ -97,6 +97,36 @@ def test_brain_mri_3d_distill_logs_every_loss_part(brain_teacher):
 
 
 @pytest.mark.slow
+def test_brain_mri_3d_explain_writes_overlaying_heatmaps_and_logs_metrics(brain_teacher):
+    """explain.yaml: hierarchical maps of every test volume as NIfTI on the input's grid, PNG figures,
+    localization and faithfulness metrics and the files themselves in the MLflow run."""
+    import nibabel as nib
+    import numpy as np
+
+    tmp_path, env, uri = brain_teacher
+    _bundle_run("brain_mri_3d", ["train_teacher.yaml", "explain.yaml"], tmp_path, env)
+    datalist = json.loads((tmp_path / "data" / "datalist.json").read_text())
+    folder = tmp_path / "runs" / "explanations"
+    for entry in datalist["test"]:
+        stem = os.path.basename(entry["image"]).split(".")[0]
+        source = nib.load(tmp_path / "data" / entry["image"])
+        fused, levels = nib.load(folder / f"{stem}_cam.nii.gz"), nib.load(folder / f"{stem}_levels.nii.gz")
+        for written in (fused, levels):
+            np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+            assert written.shape[:3] == source.shape
+        assert levels.shape[-1] == 4  # features.denseblock1..4
+        fused_values = np.asarray(fused.dataobj)
+        assert fused_values.min() >= 0 and fused_values.max() == pytest.approx(1.0)
+        assert (folder / f"{stem}_cam.png").stat().st_size > 1000
+    summary = run_summary(uri, latest_run(uri, "brain_mri_3d", "explain"))
+    metrics = summary["metrics"]
+    assert {"test_accuracy", "pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"} <= set(metrics)
+    assert 0 <= metrics["pointing_game"] <= 1 and 0 <= metrics["deletion_auc"] <= 1
+    assert summary["params"]["cam_mode"] == "gradcam"
+    assert len([a for a in summary["artifacts"] if a.endswith("_cam.nii.gz")]) == len(datalist["test"])
+
+
+@pytest.mark.slow
 def test_brain_mri_3d_distill_with_torchrun_two_ranks_on_gloo(brain_teacher):
     """`torchrun --nproc_per_node=2` with the multi-GPU override: both ranks end with the same student."""
     tmp_path, env, uri = brain_teacher
@@ -138,6 +168,13 @@ def test_chest_xray_2d_teacher_with_monai_tracking_flag_then_explanation_distill
         parts["train_task"] + parts["train_kd"] + parts["train_attention"] + parts["train_explanation"], rel=1e-4
     )
     load_weights(ShallowCNN(2, 1, 3), str(tmp_path / "runs" / "student" / "model_final.pt"))
+
+    explain = ["train_teacher.yaml", "explain.yaml"]
+    _bundle_run("chest_xray_2d", explain, tmp_path, subprocess_env, "--cam_mode", "layercam")
+    explained = run_summary(uri, latest_run(uri, "chest_xray_2d", "explain"))
+    assert {"pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"} <= set(explained["metrics"])
+    assert explained["params"]["cam_mode"] == "layercam"
+    assert any(name.endswith("_cam.png") for name in explained["artifacts"])
 
 
 @pytest.mark.parametrize("bundle", ["brain_mri_3d", "chest_xray_2d"])

@@ -20,7 +20,13 @@ from torch import nn
 from monai_kdx.explain.base import build_explainer
 from monai_kdx.explain.cam import HierarchicalCAM
 
-__all__ = ["HierarchicalExplanationd", "Attributiond", "as_meta_like"]
+__all__ = [
+    "HierarchicalExplanationd",
+    "Attributiond",
+    "ExplanationFaithfulnessd",
+    "SaveExplanationFigured",
+    "as_meta_like",
+]
 
 
 def as_meta_like(values: torch.Tensor, reference: Any) -> MetaTensor:
@@ -175,3 +181,93 @@ class Attributiond(_ExplanationTransform):
         image = d[key]
         attribution = self.explainer.attribute(self._batch(image), target)
         d[self._out(key)] = as_meta_like(attribution[0], image)
+
+
+class ExplanationFaithfulnessd(MapTransform):
+    """Deletion and insertion AUC (:func:`monai_kdx.metrics.deletion_auc`, :func:`~monai_kdx.metrics.insertion_auc`)
+    of an explanation map of one sample, written as scalars under ``"{key}_deletion_auc"`` and
+    ``"{key}_insertion_auc"`` (lower deletion and higher insertion AUC: a more faithful map).
+
+    Args:
+        keys: the map key(s); each map is (1, *spatial).
+        network: the explained classifier.
+        image_key: the image (C, *spatial) the map explains.
+        class_key: a key holding the explained class (e.g. ``"cam_class"`` from
+            :class:`HierarchicalExplanationd`, or ``"label"``).
+        steps: perturbation steps.
+        device: where to run the network.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        network: nn.Module,
+        image_key: str = "image",
+        class_key: str = "label",
+        steps: int = 20,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__(keys)
+        self.network, self.image_key, self.class_key, self.steps = network, image_key, class_key, steps
+        self.device = torch.device(device) if device is not None else None
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai_kdx.metrics import deletion_auc, insertion_auc
+
+        d = dict(data)
+        for name in (self.image_key, self.class_key):
+            if name not in d:
+                raise KeyError(f"{name!r} is not in the data (keys: {sorted(map(str, d))}).")
+        image = torch.as_tensor(d[self.image_key]).float().unsqueeze(0)
+        target = torch.as_tensor(d[self.class_key]).reshape(-1)[:1].long()
+        if self.device is not None:
+            image, target = image.to(self.device), target.to(self.device)
+        for key in self.key_iterator(d):
+            attribution = torch.as_tensor(d[key]).float().unsqueeze(0).to(image.device)
+            for kind, metric in (("deletion", deletion_auc), ("insertion", insertion_auc)):
+                value = metric(self.network, image, attribution, target, steps=self.steps)
+                d[f"{key}_{kind}_auc"] = value[0].detach().cpu()
+        return d
+
+
+class SaveExplanationFigured(MapTransform):
+    """Write one PNG per sample with :func:`monai_kdx.visualize.explanation_figure`: every level of a
+    ``"<key>_levels"`` map from :class:`HierarchicalExplanationd` plus the fused ``key`` map, over the
+    image (2D: overlays; 3D: slices through each map's peak), named after the image's file.
+
+    Args:
+        keys: the fused map key(s) (``"cam"``); the levels are read from ``"<key>_levels"`` when present.
+        output_dir: the folder for the PNGs (created when missing).
+        image_key: the image the maps explain.
+        mask_key: an optional lesion mask drawn as an outline.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, output_dir: str, image_key: str = "image", mask_key: str | None = None
+    ) -> None:
+        super().__init__(keys)
+        self.output_dir, self.image_key, self.mask_key = output_dir, image_key, mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        import os
+
+        from monai_kdx.visualize import explanation_figure
+
+        d = dict(data)
+        image = d[self.image_key]
+        source = image.meta.get("filename_or_obj", "sample") if isinstance(image, MetaTensor) else "sample"
+        stem = os.path.basename(str(source)).split(".")[0]
+        mask = None
+        if self.mask_key is not None and self.mask_key in d:
+            mask = torch.as_tensor(d[self.mask_key])[0].cpu().numpy()
+        os.makedirs(self.output_dir, exist_ok=True)
+        for key in self.key_iterator(d):
+            maps = {}
+            levels = d.get(f"{key}_levels")
+            if levels is not None:
+                names = levels.meta.get("levels", range(len(levels))) if isinstance(levels, MetaTensor) else []
+                maps.update({str(name): level.cpu().numpy() for name, level in zip(names, levels, strict=True)})
+            maps["fused"] = torch.as_tensor(d[key])[0].cpu().numpy()
+            path = os.path.join(self.output_dir, f"{stem}_{key}.png")
+            explanation_figure(torch.as_tensor(image)[0].cpu().numpy(), maps, path, mask=mask)
+        return d
