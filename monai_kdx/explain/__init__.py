@@ -15,6 +15,7 @@ from .attribution import (
 )
 from .base import Explainer, build_explainer, check_inputs, explain, resolve_targets, restore_mode
 from .cam import CAM_MODES, CAMResult, HierarchicalCAM, cam_from_features, fuse_maps, stage_layers
+from .concepts import TCAV, TCAVResult, concept_patches, fit_cav
 from .lrp import LRP_COMPOSITES, find_batchnorm_pairs, make_composite, monai_resnet_canonizer
 from .zennit_backend import import_zennit
 
@@ -30,6 +31,10 @@ __all__ = [
     "find_batchnorm_pairs",
     "make_composite",
     "monai_resnet_canonizer",
+    "TCAV",
+    "TCAVResult",
+    "concept_patches",
+    "fit_cav",
     "CAM_MODES",
     "CAMResult",
     "Explainer",
