@@ -398,7 +398,7 @@ def test_save_and_load_in_a_fresh_process(tmp_path, subprocess_env):
     subprocess.run(
         [sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
         check=True,
-        env={**subprocess_env, "OMP_NUM_THREADS": "1"},
+        env={**subprocess_env, "OMP_NUM_THREADS": str(torch.get_num_threads())},  # same kernels as here
         timeout=120,
     )
     assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), expected)

@@ -1,5 +1,5 @@
-"""Dictionary transforms: explanation maps written as MetaTensors with the input's metadata, and
-gaze / mask targets for saliency regularization."""
+"""MONAI dictionary transforms (2D and 3D): explanation maps written as MetaTensors with the
+input's metadata, and gaze fixations / lesion masks turned into saliency targets."""
 
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ from .explanation import (
     SaveExplanationFigured,
     as_meta_like,
 )
+from .gaze import GazeToHeatmapd, MaskToSaliencyd, affine_spacing, map_fixations
 
 __all__ = [
     "Attributiond",
     "ExplanationFaithfulnessd",
+    "GazeToHeatmapd",
     "HierarchicalExplanationd",
+    "MaskToSaliencyd",
     "SaveExplanationFigured",
+    "affine_spacing",
     "as_meta_like",
+    "map_fixations",
 ]
