@@ -7,6 +7,9 @@ Usage:
     python benchmarks/run.py                   # all benchmarks
     python benchmarks/run.py import_time       # one
     python benchmarks/run.py --quick           # small sizes (smoke run, used by the tests)
+
+Shared-core benchmarks and distillation live here; each other capability has its own module
+``benchmarks/bench_<capability>.py`` whose ``@benchmark`` functions register on import.
 """
 
 from __future__ import annotations
@@ -25,13 +28,7 @@ from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-RESULTS = Path(__file__).resolve().parent / "results"
-BENCHMARKS: dict[str, Callable[[bool], dict[str, Any]]] = {}
-
-
-def benchmark(func: Callable[[bool], dict[str, Any]]) -> Callable[[bool], dict[str, Any]]:
-    BENCHMARKS[func.__name__] = func
-    return func
+from common import BENCHMARKS, RESULTS, benchmark, load_capability_benchmarks, timed
 
 
 def _import_seconds(module: str, repeats: int) -> float:
@@ -114,17 +111,6 @@ def teacher_throughput(quick: bool) -> dict[str, Any]:
         "inference_volumes_per_s": infer_rate,
         "ratio_train_step_to_inference": infer_rate / train_rate,
     }
-
-
-def _timed(step: Callable[[], Any], repeats: int) -> float:
-    """Median seconds of ``step`` over ``repeats`` calls after one warm-up call."""
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @benchmark
@@ -213,7 +199,7 @@ def explanation_time(quick: bool) -> dict[str, Any]:
     seconds, levels = {}, {}
     for name, network in (("teacher", teacher.eval()), ("student", student.eval())):
         call = _hierarchical_explanation(network, image)
-        seconds[name] = _timed(call, repeats)
+        seconds[name] = timed(call, repeats)
         levels[name] = list(call())
     return {
         "spatial_size": size,
@@ -290,7 +276,7 @@ def cam_speed(quick: bool) -> dict[str, Any]:
     forward + one backward to the shallowest level), on a 3D DenseNet121 with a 1×1×96³ input."""
     size, repeats = (32, 2) if quick else (96, 3)
     _, _, layers, make = _cam_setup(size)
-    seconds = {method: _timed(make(method), repeats) for method in CAM_METHODS}
+    seconds = {method: timed(make(method), repeats) for method in CAM_METHODS}
     return {
         "network": "monai DenseNet121(spatial_dims=3, in_channels=1, out_channels=2)",
         "input": [1, 1, size, size, size],
@@ -352,13 +338,13 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
             network = _teacher_and_student()[0 if name == "teacher" else 1]
             load_weights(network, checkpoint).eval()
             with torch.no_grad():
-                latency = _timed(lambda network=network: network(image), 5)
+                latency = timed(lambda network=network: network(image), 5)
             rows[name] = {
                 "test_accuracy": test.metrics["test_accuracy"],
                 "params": count_parameters(network),
                 "macs": count_macs(network, (1, size, size, size)),
                 "inference_s": latency,
-                "explanation_s": _timed(_hierarchical_explanation(network, image), 3),
+                "explanation_s": timed(_hierarchical_explanation(network, image), 3),
                 "train_s": train.seconds,
             }
     teacher, kd, scratch = rows["teacher"], rows["kd_student"], rows["scratch_student"]
@@ -374,6 +360,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    load_capability_benchmarks()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {sorted(BENCHMARKS)})")
     parser.add_argument("--quick", action="store_true", help="small sizes, for smoke runs")

@@ -142,7 +142,7 @@ DATASETS = Registry("dataset", builtin_modules=("monai_kdx.data.synthetic",))
 EXPLAINERS = Registry("explainer", builtin_modules=("monai_kdx.explain.cam", "monai_kdx.explain.attribution"))
 RELEVANCE_METHODS = Registry("relevance method", builtin_modules=("monai_kdx.pruning.relevance",))
 DISTILLATION_LOSSES = Registry("distillation loss", builtin_modules=("monai_kdx.losses.distillation",))
-SALIENCY_LOSSES = Registry("saliency loss")
+SALIENCY_LOSSES = Registry("saliency loss", builtin_modules=("monai_kdx.losses.saliency",))
 
 REGISTRIES: dict[str, Registry] = {
     "datasets": DATASETS,

@@ -1,8 +1,9 @@
-"""Shared test settings: no MLflow telemetry, a small thread count on the 2-core machines."""
+"""Shared test settings (no MLflow telemetry) and the bundle-run helpers shared by the bundle tests."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,3 +23,38 @@ def subprocess_env() -> dict[str, str]:
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+TINY = ["--n_samples", "12", "--spatial_size", "32", "--max_epochs", "2", "--batch_size", "4"]
+
+
+def bundle_run(
+    bundle: str, configs: list[str], tmp_path, env, *extra: str, launcher: tuple[str, ...] = (sys.executable, "-m")
+) -> subprocess.CompletedProcess:
+    """`<launcher> monai.bundle run` on tiny settings, outputs and data under ``tmp_path``; asserts success."""
+    root = REPO / "bundles" / bundle
+    files = [str(root / "configs" / name) for name in configs]
+    command = [
+        *launcher, "monai.bundle", "run",
+        "--config_file", files[0] if len(files) == 1 else repr(files),
+        "--meta_file", str(root / "configs" / "metadata.json"),
+        "--logging_file", str(root / "configs" / "logging.conf"),
+        "--bundle_root", str(root),
+        "--output_dir", str(tmp_path / "runs"),
+        "--dataset_dir", str(tmp_path / "data"),
+        *TINY, *extra,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def brain_teacher(tmp_path_factory):
+    """One tiny 3D teacher trained and evaluated through the real bundle, shared by every bundle test module
+    (each stage writes its own subfolder of ``runs``)."""
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+    tmp_path = tmp_path_factory.mktemp("brain")
+    bundle_run("brain_mri_3d", ["train_teacher.yaml"], tmp_path, env)
+    bundle_run("brain_mri_3d", ["train_teacher.yaml", "evaluate.yaml"], tmp_path, env)
+    return tmp_path, env, f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"

@@ -5,49 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, VENV_BIN
+from conftest import REPO, VENV_BIN, bundle_run
 from mlflow.tracking import MlflowClient
 
 from monai_kdx.networks import ShallowCNN, load_weights
 from monai_kdx.tracking import latest_run, run_summary
-
-TINY = ["--n_samples", "12", "--spatial_size", "32", "--max_epochs", "2", "--batch_size", "4"]
-
-
-def _bundle_run(
-    bundle: str, configs: list[str], tmp_path, env, *extra: str, launcher: tuple[str, ...] = (sys.executable, "-m")
-) -> subprocess.CompletedProcess:
-    """`<launcher> monai.bundle run` on tiny settings, outputs and data under ``tmp_path``; asserts success."""
-    root = REPO / "bundles" / bundle
-    files = [str(root / "configs" / name) for name in configs]
-    command = [
-        *launcher, "monai.bundle", "run",
-        "--config_file", files[0] if len(files) == 1 else repr(files),
-        "--meta_file", str(root / "configs" / "metadata.json"),
-        "--logging_file", str(root / "configs" / "logging.conf"),
-        "--bundle_root", str(root),
-        "--output_dir", str(tmp_path / "runs"),
-        "--dataset_dir", str(tmp_path / "data"),
-        *TINY, *extra,
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def brain_teacher(tmp_path_factory):
-    """One tiny 3D teacher trained and evaluated through the real bundle, shared by the tests below."""
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
-    tmp_path = tmp_path_factory.mktemp("brain")
-    _bundle_run("brain_mri_3d", ["train_teacher.yaml"], tmp_path, env)
-    _bundle_run("brain_mri_3d", ["train_teacher.yaml", "evaluate.yaml"], tmp_path, env)
-    return tmp_path, env, f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"
 
 
 @pytest.mark.slow
@@ -79,7 +44,7 @@ def test_brain_mri_3d_teacher_train_then_evaluate_tracked_in_mlflow(brain_teache
 def test_brain_mri_3d_distill_logs_every_loss_part(brain_teacher):
     tmp_path, env, uri = brain_teacher
     teacher_before = torch.load(tmp_path / "runs" / "models" / "model_final.pt", weights_only=True)
-    _bundle_run("brain_mri_3d", ["train_teacher.yaml", "distill.yaml"], tmp_path, env)
+    bundle_run("brain_mri_3d", ["train_teacher.yaml", "distill.yaml"], tmp_path, env)
     distill = run_summary(uri, latest_run(uri, "brain_mri_3d", "distill"))
     assert {"train_loss", "train_task", "train_kd", "train_attention", "val_accuracy"} <= set(distill["metrics"])
     parts = distill["metrics"]
@@ -104,7 +69,7 @@ def test_brain_mri_3d_explain_writes_overlaying_heatmaps_and_logs_metrics(brain_
     import numpy as np
 
     tmp_path, env, uri = brain_teacher
-    _bundle_run("brain_mri_3d", ["train_teacher.yaml", "explain.yaml"], tmp_path, env)
+    bundle_run("brain_mri_3d", ["train_teacher.yaml", "explain.yaml"], tmp_path, env)
     datalist = json.loads((tmp_path / "data" / "datalist.json").read_text())
     folder = tmp_path / "runs" / "explanations"
     for entry in datalist["test"]:
@@ -133,7 +98,7 @@ def test_brain_mri_3d_distill_with_torchrun_two_ranks_on_gloo(brain_teacher):
     torchrun = (str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m")
     configs = ["train_teacher.yaml", "distill.yaml", "multi_gpu_distill.yaml"]
     extra = ("--run_name", "distill_ddp", "--save_rank_weights", "true")
-    _bundle_run("brain_mri_3d", configs, tmp_path, env, *extra, launcher=torchrun)
+    bundle_run("brain_mri_3d", configs, tmp_path, env, *extra, launcher=torchrun)
     rank0 = torch.load(tmp_path / "runs" / "student_rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "runs" / "student_rank1.pt", weights_only=True)
     assert rank0.keys() == rank1.keys()
@@ -149,7 +114,7 @@ def test_brain_mri_3d_distill_with_torchrun_two_ranks_on_gloo(brain_teacher):
 def test_chest_xray_2d_teacher_with_monai_tracking_flag_then_explanation_distillation(tmp_path, subprocess_env):
     """`--tracking mlflow` (MONAI's own settings) attaches to the same run as the default handlers; the
     2D distill config (KD + attention + explanation distillation) then trains a student from it."""
-    _bundle_run("chest_xray_2d", ["train_teacher.yaml"], tmp_path, subprocess_env, "--tracking", "mlflow")
+    bundle_run("chest_xray_2d", ["train_teacher.yaml"], tmp_path, subprocess_env, "--tracking", "mlflow")
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("chest_xray_2d")
@@ -161,7 +126,7 @@ def test_chest_xray_2d_teacher_with_monai_tracking_flag_then_explanation_distill
     # MONAI's tracking settings also export the executed config next to the outputs
     assert list((tmp_path / "runs").glob("config_*.json"))
 
-    _bundle_run("chest_xray_2d", ["train_teacher.yaml", "distill.yaml"], tmp_path, subprocess_env)
+    bundle_run("chest_xray_2d", ["train_teacher.yaml", "distill.yaml"], tmp_path, subprocess_env)
     parts = run_summary(uri, latest_run(uri, "chest_xray_2d", "distill"))["metrics"]
     assert parts["train_explanation"] > 0
     assert parts["train_loss"] == pytest.approx(
@@ -170,7 +135,7 @@ def test_chest_xray_2d_teacher_with_monai_tracking_flag_then_explanation_distill
     load_weights(ShallowCNN(2, 1, 3), str(tmp_path / "runs" / "student" / "model_final.pt"))
 
     explain = ["train_teacher.yaml", "explain.yaml"]
-    _bundle_run("chest_xray_2d", explain, tmp_path, subprocess_env, "--cam_mode", "layercam")
+    bundle_run("chest_xray_2d", explain, tmp_path, subprocess_env, "--cam_mode", "layercam")
     explained = run_summary(uri, latest_run(uri, "chest_xray_2d", "explain"))
     assert {"pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"} <= set(explained["metrics"])
     assert explained["params"]["cam_mode"] == "layercam"

@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from .output_transforms import scalars, stacked
 from .progress import ProgressBar
+from .saliency import SaliencyGuidance
 
-__all__ = ["ProgressBar", "scalars", "stacked"]
+__all__ = ["ProgressBar", "SaliencyGuidance", "scalars", "stacked"]

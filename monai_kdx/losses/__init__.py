@@ -1,4 +1,5 @@
-"""Losses: knowledge distillation terms (registered in ``DISTILLATION_LOSSES``)."""
+"""Losses: knowledge distillation terms (registered in ``DISTILLATION_LOSSES``) and saliency
+regularization losses (registered in ``SALIENCY_LOSSES``)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,26 @@ from .distillation import (
     attention_map,
     match_spatial,
 )
+from .saliency import (
+    SALIENCY_DIVERGENCES,
+    SALIENCY_METHODS,
+    GAINLoss,
+    RightForTheRightReasonsLoss,
+    SaliencyAlignmentLoss,
+    SaliencyContext,
+    SaliencyLoss,
+    saliency_divergence,
+)
 
 __all__ = [
+    "SALIENCY_DIVERGENCES",
+    "SALIENCY_METHODS",
+    "GAINLoss",
+    "RightForTheRightReasonsLoss",
+    "SaliencyAlignmentLoss",
+    "SaliencyContext",
+    "SaliencyLoss",
+    "saliency_divergence",
     "AttentionTransferLoss",
     "DistillationLoss",
     "DistillationTerm",

@@ -1,0 +1,37 @@
+"""What every benchmark module shares: the registry of benchmarks, the results folder, a timer."""
+
+from __future__ import annotations
+
+import importlib
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+BENCHMARKS: dict[str, Callable[[bool], dict[str, Any]]] = {}
+
+
+def benchmark(func: Callable[[bool], dict[str, Any]]) -> Callable[[bool], dict[str, Any]]:
+    """Register ``func(quick) -> dict`` under its name; its dict is written as JSON (keys ``ratio*`` printed)."""
+    BENCHMARKS[func.__name__] = func
+    return func
+
+
+def timed(step: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of ``step`` over ``repeats`` calls after one warm-up call."""
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def load_capability_benchmarks() -> None:
+    """Import every ``benchmarks/bench_*.py`` module (their ``@benchmark`` functions register themselves)."""
+    for module in sorted(HERE.glob("bench_*.py")):
+        importlib.import_module(module.stem)
