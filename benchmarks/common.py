@@ -12,6 +12,18 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 BENCHMARKS: dict[str, Callable[[bool], dict[str, Any]]] = {}
+_results = {"dir": RESULTS}
+
+
+def set_results_dir(path: Path) -> None:
+    """Where this run writes (``run.py --out``): the JSON results and any report, table or plot."""
+    _results["dir"] = Path(path)
+
+
+def results_dir() -> Path:
+    """The folder of this run's results (created): benchmarks write their markdown tables and PNGs here."""
+    _results["dir"].mkdir(parents=True, exist_ok=True)
+    return _results["dir"]
 
 
 def benchmark(func: Callable[[bool], dict[str, Any]]) -> Callable[[bool], dict[str, Any]]:

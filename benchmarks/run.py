@@ -28,7 +28,7 @@ from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from common import BENCHMARKS, RESULTS, benchmark, load_capability_benchmarks, timed
+from common import BENCHMARKS, RESULTS, benchmark, load_capability_benchmarks, set_results_dir, timed
 
 
 def _import_seconds(module: str, repeats: int) -> float:
@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s) {unknown}; available: {sorted(BENCHMARKS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    set_results_dir(out)
     for name in args.names or list(BENCHMARKS):
         result = {
             "benchmark": name,

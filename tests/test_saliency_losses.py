@@ -40,6 +40,7 @@ def _losses(layer: str) -> dict[str, nn.Module]:
     losses = {f"align-{d}": SaliencyAlignmentLoss(layer, divergence=d) for d in SALIENCY_DIVERGENCES}
     losses["align-gradcam++"] = SaliencyAlignmentLoss(layer, method="gradcam++")
     losses["align-input-gradient"] = SaliencyAlignmentLoss(method="input_gradient", divergence="cc")
+    losses["align-lrp"] = SaliencyAlignmentLoss(method="lrp", divergence="kl")
     losses["rrr"] = RightForTheRightReasonsLoss(weight=10.0)
     losses["gain"] = GAINLoss(layer)
     return losses

@@ -65,9 +65,10 @@ SALIENCY_DIVERGENCES = ("kl", "nss", "cc", "sim", "mse")
 - ``"mse"``: mean squared difference of the max-normalized maps (each divided by its maximum, so both in [0, 1]).
 """
 
-SALIENCY_METHODS = (*CAM_MODES, "input_gradient")
-"""Saliency methods of :class:`SaliencyAlignmentLoss`: the CAM modes of the shared CAM core, and
-``"input_gradient"``: ``Σ_channels |∂y_c/∂x|``."""
+SALIENCY_METHODS = (*CAM_MODES, "input_gradient", "lrp")
+"""Saliency methods of :class:`SaliencyAlignmentLoss`: the CAM modes of the shared CAM core,
+``"input_gradient"``: ``Σ_channels |∂y_c/∂x|``, and ``"lrp"``: the positive part of the input relevance of
+:class:`monai_kdx.explain.LRPAttribution` with ``create_graph=True`` (its own forward, in eval mode)."""
 
 
 @dataclass
@@ -368,10 +369,14 @@ class SaliencyAlignmentLoss(SaliencyLoss):
             ``"features.denseblock3"`` of a MONAI DenseNet); ``None`` with a CAM method picks the deepest
             stage on first use (see :func:`monai_kdx.explain.stage_layers`); ignored by ``"input_gradient"``.
         method: one of :data:`SALIENCY_METHODS`: ``"gradcam"``, ``"gradcam++"``, ``"layercam"``,
-            ``"activation"`` or ``"input_gradient"``.
+            ``"activation"``, ``"input_gradient"`` or ``"lrp"``.
         divergence: one of :data:`SALIENCY_DIVERGENCES`.
         weight: factor on the loss.
         eps: regularization constant of the KL divergence.
+        lrp_composite: the zennit composite of ``method="lrp"`` (see :class:`monai_kdx.explain.LRPAttribution`).
+            LRP runs its own forward pass (in eval mode, BatchNorms passing relevance through) and its rules use
+            detached copies of the modified weights, so the gradient reaches the weights through the
+            activations and the target logit: a training signal, not the exact derivative.
 
     Raises:
         ValueError: unknown method or divergence, a negative weight.
@@ -389,6 +394,7 @@ class SaliencyAlignmentLoss(SaliencyLoss):
         divergence: str = "kl",
         weight: float = 1.0,
         eps: float = SALIENCY_EPS,
+        lrp_composite: str = "epsilon_plus_flat",
     ) -> None:
         super().__init__()
         if method not in SALIENCY_METHODS:
@@ -403,14 +409,24 @@ class SaliencyAlignmentLoss(SaliencyLoss):
         self.weight = _check_weight("weight", weight)
         self.eps = float(eps)
         self.needs_input_grad = method == "input_gradient"
+        self.lrp_composite = lrp_composite
+        if method == "lrp":
+            from monai_kdx.explain.attribution import LRP_COMPOSITES
+
+            if lrp_composite not in LRP_COMPOSITES:
+                raise ValueError(f"unknown LRP composite {lrp_composite!r}; valid composites: {list(LRP_COMPOSITES)}.")
+
+    @property
+    def _uses_layer(self) -> bool:
+        return self.method in CAM_MODES
 
     @property
     def layers(self) -> tuple[str, ...]:
-        return () if self.method == "input_gradient" or self.layer is None else (self.layer,)
+        return (self.layer,) if self._uses_layer and self.layer is not None else ()
 
     @property
     def needs_layer_resolution(self) -> bool:
-        return self.method != "input_gradient" and self.layer is None
+        return self._uses_layer and self.layer is None
 
     def resolve_layers(self, network: nn.Module, example: torch.Tensor) -> None:
         """Pick the deepest convolution stage of ``network`` when ``layer`` is None (one probe forward)."""
@@ -432,8 +448,17 @@ class SaliencyAlignmentLoss(SaliencyLoss):
         size = tuple(size) if size is not None else tuple(context.inputs.shape[2:])
         targets = _true_classes(context.targets, context.logits)
         with torch.enable_grad():
-            if self.method == "input_gradient":
-                raw = input_gradient_saliency(context.inputs, context.logits, targets, create_graph=True)
+            if self.method in ("input_gradient", "lrp"):
+                if self.method == "lrp":
+                    from monai_kdx.explain.attribution import LRPAttribution
+                    from monai_kdx.networks import unwrap_network
+
+                    explainer = LRPAttribution(
+                        unwrap_network(context.network), composite=self.lrp_composite, create_graph=True
+                    )
+                    raw = explainer.attribute(context.inputs, targets).clamp_min(0)
+                else:
+                    raw = input_gradient_saliency(context.inputs, context.logits, targets, create_graph=True)
                 if tuple(raw.shape[2:]) != size:
                     raw = F.interpolate(raw, size=size, mode="bilinear" if raw.ndim == 4 else "trilinear")
                 return minmax_normalize(raw)
