@@ -223,3 +223,25 @@ def test_bad_configuration_fails_before_training():
     with pytest.raises(ValueError, match="SaliencyLoss"):
         SaliencyGuidance(torch.nn.MSELoss())
     assert isinstance(SaliencyGuidance("rrr").loss, RightForTheRightReasonsLoss)  # by registered name
+
+
+def test_start_epoch_trains_on_the_task_loss_alone_before_it():
+    batch = _batch(2)
+    network = _net(2)
+    guidance = SaliencyGuidance(SaliencyAlignmentLoss("blocks.1"), weight=1.0, start_epoch=2)
+    trainer = _trainer(network, [batch], lr=1e-3, handlers=[guidance], max_epochs=2)
+    seen = []
+
+    def record(engine) -> None:
+        output = engine.state.output
+        seen.append(
+            ("saliency" in output, output["loss"].item(), F.cross_entropy(output["pred"], output["label"]).item())
+        )
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
+    trainer.run()
+    (first, loss1, ce1), (second, loss2, ce2) = seen
+    assert not first and loss1 == pytest.approx(ce1, rel=1e-5)  # epoch 1: cross-entropy only
+    assert second and loss2 > ce2 + 1e-3  # epoch 2: cross-entropy + saliency
+    with pytest.raises(ValueError, match="start_epoch"):
+        SaliencyGuidance(SaliencyAlignmentLoss("blocks.1"), start_epoch=0)

@@ -54,6 +54,9 @@ class SaliencyGuidance:
         target_key: batch key of the target map (``"gaze"``, ``"mask"``, ...).
         weight: factor on the saliency loss (0 records it without training on it).
         name: ``engine.state.output`` key of the (detached, unweighted) saliency loss.
+        start_epoch: first epoch (1-based) with the saliency term; earlier epochs train on the task loss
+            alone (a warm-up, so the saliency of a still random classifier does not steer the first steps)
+            and record no saliency value.
 
     Raises:
         ValueError: a loss that is not a saliency loss, a negative or non-finite weight, an empty name or
@@ -68,7 +71,12 @@ class SaliencyGuidance:
     """
 
     def __init__(
-        self, loss: SaliencyLoss | str, target_key: str = "gaze", weight: float = 1.0, name: str = "saliency"
+        self,
+        loss: SaliencyLoss | str,
+        target_key: str = "gaze",
+        weight: float = 1.0,
+        name: str = "saliency",
+        start_epoch: int = 1,
     ) -> None:
         if isinstance(loss, str):
             from monai_kdx.registry import SALIENCY_LOSSES
@@ -81,6 +89,9 @@ class SaliencyGuidance:
             raise ValueError(f"weight must be a finite number >= 0, got {weight}.")
         if not isinstance(name, str) or not name or name in ("loss", "pred", "label", "image"):
             raise ValueError(f"name must be a new engine output key, not {name!r}.")
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 1:
+            raise ValueError(f"start_epoch must be an integer >= 1, got {start_epoch!r}.")
+        self.start_epoch = start_epoch
         self.loss = loss
         self.target_key = target_key
         self.weight = weight
@@ -128,8 +139,13 @@ class SaliencyGuidance:
         self.loss.check_network(network)  # layer paths (ValueError with close matches)
 
     # -------------------------------------------------------------------------------------------- hooks
+    def _active(self, engine: Engine) -> bool:
+        return engine.state.epoch >= self.start_epoch
+
     def _iteration_started(self, engine: Engine) -> None:
         self._release()
+        if not self._active(engine):
+            return
         network = engine.network
         self._handles = [
             network.register_forward_pre_hook(self._pre_forward),
@@ -168,6 +184,8 @@ class SaliencyGuidance:
 
     # ------------------------------------------------------------------------------------------- loss
     def _loss_completed(self, engine: Engine) -> None:
+        if not self._active(engine):
+            return
         try:
             if self._logits is None or self._inputs is None:
                 raise RuntimeError(
