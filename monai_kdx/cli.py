@@ -3,6 +3,9 @@
 - ``monai-kdx make-dataset --kind brain-mri-3d --out DIR --n N --seed S``: write a semi-synthetic
   lesion dataset (NIfTI files + MONAI datalist JSON) with masks and simulated gaze.
 - ``monai-kdx demo [--quick] [--out runs/demo]``: the main job.
+- ``monai-kdx compare-explanations [--quick] [--out DIR] [--kind KIND ...] [--methods a,b]``: every
+  explanation method scored for localization, faithfulness, the randomization sanity check and time per
+  image on 2D and 3D data; writes ``report.md``, ``report.png`` and ``report.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder (data, checkpoints, MLflow store)")
     demo.add_argument("--quick", action="store_true", help="tiny data and one epoch (smoke test)")
     demo.add_argument("--max-epochs", type=int, default=None)
+
+    compare = commands.add_parser(
+        "compare-explanations",
+        help="score every explanation method (localization, faithfulness, sanity check, time) on 2D and 3D data",
+    )
+    compare.add_argument("--out", default="runs/compare-explanations", help="folder for report.md/.png/.json")
+    compare.add_argument(
+        "--kind",
+        action="append",
+        default=None,
+        help="dataset kind, repeatable (default: chest-xray-2d and brain-mri-3d)",
+    )
+    compare.add_argument("--methods", default=None, help="comma-separated explainer names (default: all registered)")
+    compare.add_argument(
+        "--checkpoint",
+        action="append",
+        default=None,
+        help="KIND=PATH (or PATH with a single --kind): explain this train_teacher.yaml checkpoint instead of "
+        "training the teacher briefly",
+    )
+    compare.add_argument(
+        "--quick", action="store_true", help="a small student, tiny data, one epoch, two images (smoke test)"
+    )
+    compare.add_argument("--n-images", type=int, default=None, help="test images with a lesion to explain")
+    compare.add_argument("--spatial-size", type=int, default=None, help="side length in pixels/voxels")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser
 
 
@@ -66,11 +96,73 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_checkpoints(values: Sequence[str] | None, kinds: Sequence[str]) -> dict[str, str]:
+    """``KIND=PATH`` entries (or one bare ``PATH`` when a single kind is compared) → {kind: path}."""
+    checkpoints: dict[str, str] = {}
+    for value in values or []:
+        kind, sep, path = value.partition("=")
+        if not sep:
+            if len(kinds) != 1:
+                raise ValueError(f"--checkpoint {value!r}: write KIND=PATH when comparing several kinds {list(kinds)}.")
+            kind, path = kinds[0], value
+        if kind not in kinds:
+            raise ValueError(f"--checkpoint {value!r}: kind {kind!r} is not compared; compared kinds: {list(kinds)}.")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--checkpoint {value!r}: no file at {path!r}.")
+        checkpoints[kind] = path
+    return checkpoints
+
+
+def _compare_explanations(args: argparse.Namespace) -> int:
+    from monai_kdx.data.synthetic import get_generator
+    from monai_kdx.explain.report import check_methods, comparison_markdown, run_comparison, write_report
+
+    kinds = list(dict.fromkeys(args.kind or ["chest-xray-2d", "brain-mri-3d"]))
+    for kind in kinds:
+        get_generator(kind)  # an unknown kind fails here, naming the valid ones
+    methods = check_methods(None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()])
+    checkpoints = _parse_checkpoints(args.checkpoint, kinds)
+    for name, value in (
+        ("--n-images", args.n_images),
+        ("--spatial-size", args.spatial_size),
+        ("--threads", args.threads),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}.")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    comparisons = []
+    for kind in kinds:
+        print(f"{kind}: {'loading ' + checkpoints[kind] if kind in checkpoints else 'training the teacher'} ...")
+        comparisons.append(
+            run_comparison(
+                kind,
+                quick=args.quick,
+                checkpoint=checkpoints.get(kind),
+                methods=methods,
+                n_images=args.n_images,
+                spatial_size=args.spatial_size,
+                seed=args.seed,
+            )
+        )
+    paths = write_report(comparisons, args.out)
+    print()
+    print(comparison_markdown(comparisons))
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+    failed = [f"{c.name}/{r['method']}: {r['error']}" for c in comparisons for r in c.rows if r["error"]]
+    for line in failed:
+        print(f"failed: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``monai-kdx`` console script."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
-    handlers = {"make-dataset": _make_dataset, "demo": _demo}
+    handlers = {"make-dataset": _make_dataset, "demo": _demo, "compare-explanations": _compare_explanations}
     try:
         return handlers[args.command](args)
     except (ValueError, KeyError, OSError) as error:  # bad input: a clear message, no traceback
