@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .output_transforms import scalars, stacked
 from .progress import ProgressBar
+from .pruning import RelevancePruningHandler
 from .saliency import SaliencyGuidance
 
-__all__ = ["ProgressBar", "SaliencyGuidance", "scalars", "stacked"]
+__all__ = ["ProgressBar", "RelevancePruningHandler", "SaliencyGuidance", "scalars", "stacked"]
