@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from common import benchmark, results_dir
+from common import benchmark, one_torch_thread, results_dir
 
 KINDS = {"chest-xray-2d": "2d", "brain-mri-3d": "3d"}
 
@@ -17,17 +17,11 @@ KINDS = {"chest-xray-2d": "2d", "brain-mri-3d": "3d"}
 def explanation_comparison(quick: bool) -> dict[str, Any]:
     """All methods against the random baseline on the bundles' teacher (trained briefly here; the quick run uses a
     small student), one torch thread so per-image times do not depend on what else the machine runs."""
-    import torch
-
     from monai_kdx.explain.report import comparison_markdown, run_comparison, write_report
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     start = time.perf_counter()
-    try:
+    with one_torch_thread():
         comparisons = [run_comparison(kind, quick=quick, progress=not quick) for kind in KINDS]
-    finally:
-        torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
     paths = write_report(comparisons, results_dir(), stem="explanation_comparison_report")
     print(comparison_markdown(comparisons))

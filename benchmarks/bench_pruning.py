@@ -15,7 +15,7 @@ import statistics
 import time
 from typing import Any
 
-from common import benchmark, results_dir, timed
+from common import benchmark, one_torch_thread, results_dir, timed
 
 METHODS = ["lrp", "ig", "taylor", "magnitude", "random"]  # ig: integrated gradients; taylor: gradient × activation
 
@@ -46,9 +46,7 @@ def pruning_latency(quick: bool) -> dict[str, Any]:
     from monai_kdx.networks import count_macs, count_parameters
     from monai_kdx.pruning import prune_by_relevance
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         sizes, repeats = ((32,), 2) if quick else ((96, 64), 5)
         calibration = [{"image": torch.randn(2, 1, 32, 32, 32), "label": torch.tensor([0, 1])}]
         rows: dict[str, Any] = {}
@@ -75,8 +73,6 @@ def pruning_latency(quick: bool) -> dict[str, Any]:
         result["rows"] = rows
         result["targets"] = {"ratio_latency_*": "<= 0.5 at 50% of the channels removed"}
         return result
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -183,9 +179,7 @@ def pruning_accuracy(quick: bool) -> dict[str, Any]:
     from monai_kdx.networks import ShallowCNN, count_macs, count_parameters
     from monai_kdx.pruning import collect_relevance, prune_by_relevance
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         settings = dict(QUICK if quick else FULL)
         start = time.perf_counter()
         splits = _splits(settings)
@@ -223,8 +217,6 @@ def pruning_accuracy(quick: bool) -> dict[str, Any]:
         reference_seeds = _finetuned(base, settings, splits, test)
         reference_accuracy = statistics.mean(reference_seeds)
         total_s = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
 
     def acc(method: str, ratio: float, key: str = "accuracy_finetuned") -> float:
         return next(r[key] for r in rows if r["method"] == method and r["ratio"] == ratio)

@@ -16,6 +16,18 @@ VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after it: on the shared 2-core machines, OpenMP threads
+    waiting on a busy core make small convolutions many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def subprocess_env() -> dict[str, str]:
     """Environment for child processes: the venv's bin first, telemetry off, unbuffered output."""
     env = dict(os.environ)

@@ -34,13 +34,7 @@ CHEAP = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these machines are shared, and oversubscribed threads slow small networks a hundredfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def _tiny_case(
@@ -56,14 +50,18 @@ def _tiny_case(
 
 @pytest.fixture(scope="module")
 def tiny_rows() -> dict[int, list[dict]]:
-    """Rows of every registered method on a tiny 2D and a tiny 3D network."""
-    torch.set_num_threads(1)
+    """Rows of every registered method on a tiny 2D and a tiny 3D network (one torch thread, restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module scope: the per-test one_thread fixture does not cover it
     rows = {}
-    for dims, size in ((2, 32), (3, 16)):
-        network, images, masks, labels = _tiny_case(dims, size)
-        rows[dims] = compare_explainers(
-            network, images, masks, labels, options=CHEAP, faithfulness_steps=3, sanity_images=1, progress=False
-        )
+    try:
+        for dims, size in ((2, 32), (3, 16)):
+            network, images, masks, labels = _tiny_case(dims, size)
+            rows[dims] = compare_explainers(
+                network, images, masks, labels, options=CHEAP, faithfulness_steps=3, sanity_images=1, progress=False
+            )
+    finally:
+        torch.set_num_threads(threads)
     return rows
 
 

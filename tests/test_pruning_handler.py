@@ -21,13 +21,7 @@ BUILDER_2D = {"_target_": "monai_kdx.networks.ShallowCNN", "spatial_dims": 2, "i
               "channels": [8, 16], "hidden": 0}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The 2-core machine is shared: OpenMP threads waiting on busy cores make tiny convolutions 4× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 def _data(spatial, n=16, batch=4, seed=0):

@@ -173,7 +173,7 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
-def test_host_memory_stays_flat_over_many_iterations():
+def test_host_memory_stays_flat_over_many_iterations(one_thread):
     """A known leak elsewhere: CAM graphs kept alive across iterations. 50 iterations after a warm-up
     must not grow the resident memory by more than 16 MiB (keeping one 0.25 MiB feature map per iteration
     already fails this)."""
@@ -188,12 +188,7 @@ def test_host_memory_stays_flat_over_many_iterations():
         resident.append(_rss_mib())
 
     trainer.add_event_handler(Events.EPOCH_COMPLETED, measure)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions: one thread is fastest on a busy 2-core machine
-    try:
-        trainer.run()  # epoch 1 is the warm-up (allocator pools, lazy initialisation); 50 iterations follow
-    finally:
-        torch.set_num_threads(threads)
+    trainer.run()  # epoch 1 is the warm-up (allocator pools, lazy initialisation); 50 iterations follow
     growth = resident[-1] - resident[0]
     assert trainer.state.iteration == 60
     assert growth < 16, f"resident memory grew by {growth:.1f} MiB over 50 iterations: {resident}"
