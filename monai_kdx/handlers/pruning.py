@@ -47,49 +47,20 @@ import numbers
 import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from monai_kdx.explain.base import restore_mode
 from monai_kdx.networks import count_macs, count_parameters, unwrap_network
 from monai_kdx.pruning import BUILDER_ATTRIBUTE, check_prunable, prune_by_relevance, resolve_relevance_method
 from monai_kdx.pruning.persistence import save_pruned
 from monai_kdx.pruning.prune import _check_builder, _check_ratio
-from monai_kdx.pruning.relevance import split_batch
+from monai_kdx.pruning.relevance import _device_of, _label_indices, _plain, split_batch
 
 __all__ = ["RelevancePruningHandler"]
-
-
-@contextmanager
-def _eval(network: nn.Module):
-    was_training = network.training
-    network.eval()
-    try:
-        yield network
-    finally:
-        network.train(was_training)
-
-
-def _device(network: nn.Module) -> torch.device:
-    for tensor in (*network.parameters(), *network.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _plain(tensor: Any) -> torch.Tensor:
-    tensor = torch.as_tensor(tensor)
-    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
-
-
-def _labels(label: Any, batch_size: int) -> torch.Tensor:
-    """(B,) class indices from (B,), (B, 1) indices or (B, num_classes) one-hot labels."""
-    label = _plain(label)
-    if label.numel() == batch_size:
-        return label.reshape(batch_size).long()
-    return label.reshape(batch_size, -1).argmax(1)
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -332,7 +303,7 @@ class RelevancePruningHandler:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"{type(engine).__name__} has no torch `optimizer` to rebuild after pruning.")
         model = unwrap_network(network)
-        self._example = self._example.to(_device(model))
+        self._example = self._example.to(_device_of(model))
         kept = math.prod(1.0 - r for r in self.schedule.values())
         # unsupported networks (layer named) and ratios that empty a layer, traced on a copy
         check_prunable(model, self._example, self.ignored_layers, None if self.global_pruning else 1.0 - kept)
@@ -349,12 +320,12 @@ class RelevancePruningHandler:
                 return
             image, label = split_batch(batch)
             image = _plain(image)
-            yield image, _labels(label, image.shape[0])
+            yield image, _label_indices(label, image.shape[0], torch.device("cpu"))
 
     def _accuracy(self, model: nn.Module) -> float:
-        device, correct, total = _device(model), 0, 0
+        device, correct, total = _device_of(model), 0, 0
         loader = self.accuracy_loader if self.accuracy_loader is not None else self.calibration_loader
-        with _eval(model), torch.no_grad():
+        with restore_mode(model), torch.no_grad():
             for image, label in self._batches(loader, None):
                 predicted = _logits(model(image.to(device))).argmax(1).cpu()
                 correct += int((predicted == label).sum())
@@ -365,9 +336,9 @@ class RelevancePruningHandler:
     def _latency_ms(self, model: nn.Module) -> float:
         if self.latency_repeats == 0:
             return float("nan")
-        example = self._example.to(_device(model))
+        example = self._example.to(_device_of(model))
         times = []
-        with _eval(model), torch.no_grad():
+        with restore_mode(model), torch.no_grad():
             model(example)  # warm-up
             for _ in range(self.latency_repeats):
                 if example.is_cuda:
@@ -383,7 +354,7 @@ class RelevancePruningHandler:
         """Fused CAMs (B, 1, H, W[, D]) of the first ``gate_batches`` calibration batches, for their labels."""
         from monai_kdx.explain import HierarchicalCAM
 
-        device, maps = _device(model), []
+        device, maps = _device_of(model), []
         explainer = HierarchicalCAM(model, mode=self.cam_mode)
         for image, label in self._batches(self.calibration_loader, self.gate_batches):
             maps.append(explainer.cam(image.to(device), label.to(device)).fused.detach().cpu())
