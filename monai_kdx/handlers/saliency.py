@@ -24,7 +24,6 @@ Evaluators are refused: saliency is a training-time regularizer; inference is un
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
 from torch import nn
 
-from monai_kdx.losses.saliency import SaliencyContext, SaliencyLoss, check_target_map
+from monai_kdx.losses.saliency import SaliencyContext, SaliencyLoss, _check_weight, check_target_map
 from monai_kdx.networks import FeatureCapture
 
 __all__ = ["SaliencyGuidance"]
@@ -84,9 +83,7 @@ class SaliencyGuidance:
             loss = SALIENCY_LOSSES.build(loss)
         if not isinstance(loss, SaliencyLoss):
             raise ValueError(f"loss must be a SaliencyLoss (monai_kdx.losses.saliency), got {type(loss).__name__}.")
-        weight = float(weight)
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"weight must be a finite number >= 0, got {weight}.")
+        weight = _check_weight("weight", weight)
         if not isinstance(name, str) or not name or name in ("loss", "pred", "label", "image"):
             raise ValueError(f"name must be a new engine output key, not {name!r}.")
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 1:
