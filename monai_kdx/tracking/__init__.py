@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .mlflow_utils import default_tracking_uri, latest_run, run_summary
+from .mlflow_utils import check_tracking_uri, default_tracking_uri, latest_run, run_summary
 
-__all__ = ["default_tracking_uri", "latest_run", "run_summary"]
+__all__ = ["check_tracking_uri", "default_tracking_uri", "latest_run", "run_summary"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["default_tracking_uri", "latest_run", "run_summary"]
+__all__ = ["default_tracking_uri", "latest_run", "run_summary", "check_tracking_uri"]
 
 
 def default_tracking_uri(output_dir: str | os.PathLike) -> str:
@@ -90,3 +90,59 @@ def run_summary(tracking_uri: str, run: Any) -> dict[str, Any]:
         "artifacts": sorted(artifacts),
         "artifact_uri": run.info.artifact_uri,
     }
+
+
+def check_tracking_uri(tracking_uri: str | None, timeout: float = 5.0) -> str | None:
+    """Fail fast on a tracking store that cannot work, before any training starts.
+
+    ``MLFLOW_TRACKING_URI`` wins over the argument (as in MONAI's ``MLFlowHandler``). An ``http(s)``
+    server must answer its ``/health`` endpoint within ``timeout`` seconds (MLflow's own client would
+    retry for minutes); a ``sqlite`` store's folder must be writable; ``file:`` stores are refused
+    (MONAI's handler cannot use them).
+
+    Args:
+        tracking_uri: the bundle's ``tracking_uri`` (``None``: MLflow's default, not checked).
+        timeout: seconds to wait for a server.
+
+    Returns:
+        The URI that will be used.
+
+    Raises:
+        ConnectionError: the server does not answer (the message names the URI and the reason).
+        ValueError: a ``file:`` store or a plain path.
+        PermissionError: the SQLite store's folder is not writable.
+    """
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlparse
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri
+    if not uri:
+        return uri
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http(s) only)
+                status = response.status
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise ConnectionError(
+                f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server --host ... "
+                f"--port ...) or log to a local store with --tracking_uri sqlite:///PATH/mlruns.db."
+            ) from error
+        if status != 200:
+            raise ConnectionError(f"MLflow tracking server {uri} answered {url} with HTTP {status}.")
+    elif scheme == "sqlite":
+        path = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
+        folder = os.path.dirname(os.path.abspath(path)) if path else ""
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise PermissionError(f"MLflow store {uri}: folder {folder!r} is not writable.")
+    elif scheme in ("", "file") or len(scheme) == 1:  # a plain path (or a Windows drive letter)
+        raise ValueError(
+            f"tracking_uri {uri!r} is a file store, which MONAI's MLFlowHandler cannot use; "
+            f"use sqlite:///PATH/mlruns.db or an http(s) server."
+        )
+    return uri
