@@ -2,7 +2,7 @@
 
 - ``monai-kdx make-dataset --kind brain-mri-3d --out DIR --n N --seed S``: write a semi-synthetic
   lesion dataset (NIfTI files + MONAI datalist JSON) with masks and simulated gaze.
-- ``monai-kdx demo [--quick] [--out runs/demo]``: the main job.
+- ``monai-kdx demo [--quick] [--out runs/demo] [--until STAGE] [--restart]``: the main job (resumable).
 - ``monai-kdx compare-explanations [--quick] [--out DIR] [--kind KIND ...] [--methods a,b]``: every
   explanation method scored for localization, faithfulness, the randomization sanity check and time per
   image on 2D and 3D data; writes ``report.md``, ``report.png`` and ``report.json``.
@@ -30,10 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--spatial-size", type=int, default=None, help="side length in voxels/pixels")
     make.add_argument("--shortcut-p", type=float, default=None, help="probability of a label-correlated marker")
 
-    demo = commands.add_parser("demo", help="the main job: data, teacher training and evaluation, in MLflow")
-    demo.add_argument("--out", default="runs/demo", help="output folder (data, checkpoints, MLflow store)")
-    demo.add_argument("--quick", action="store_true", help="tiny data and one epoch (smoke test)")
-    demo.add_argument("--max-epochs", type=int, default=None)
+    demo = commands.add_parser(
+        "demo",
+        help="the main job: teacher, distilled student, pruned student, saliency-guided student, explanations, "
+        "summary report, all in MLflow (resumes an interrupted run)",
+    )
+    demo.add_argument("--out", default="runs/demo", help="output folder (data, checkpoints, report, MLflow store)")
+    demo.add_argument("--quick", action="store_true", help="tiny data and one epoch per stage (smoke test)")
+    demo.add_argument("--bundle", default="brain_mri_3d", help="brain_mri_3d (default) or chest_xray_2d")
+    demo.add_argument("--max-epochs", type=int, default=None, help="epochs of every training stage")
+    demo.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///OUT/mlruns.db)")
+    demo.add_argument("--experiment", default=None, help="MLflow experiment (default: the bundle's name)")
+    demo.add_argument(
+        "--until", default=None, choices=["teacher", "distill", "prune", "saliency", "explain"], help="stop after it"
+    )
+    demo.add_argument("--restart", action="store_true", help="start over instead of resuming a run in --out")
 
     compare = commands.add_parser(
         "compare-explanations",
@@ -78,21 +89,40 @@ def _make_dataset(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from monai_kdx.pipeline import run_teacher_demo
+    from monai_kdx.pipeline import Pipeline, summary_markdown
 
     overrides = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
-    train, test = run_teacher_demo(args.out, quick=args.quick, **overrides)
+    if args.max_epochs is not None and args.max_epochs < 1:
+        raise ValueError(f"--max-epochs must be >= 1, got {args.max_epochs}.")
+    pipeline = Pipeline(
+        args.out,
+        bundle=args.bundle,
+        quick=args.quick,
+        tracking_uri=args.tracking_uri,
+        experiment_name=args.experiment,
+        restart=args.restart,
+        **overrides,
+    )
+    result = pipeline.run(until=args.until)
     print()
-    print("| stage | metric | value | seconds |")
+    print("| stage | seconds | run | metrics |")
     print("|---|---|---|---|")
-    for stage in (train, test):
-        for key, value in stage.metrics.items():
-            print(f"| {stage.name} | {key} | {value:.4f} | {stage.seconds:.1f} |")
-    print()
-    print(f"teacher test accuracy: {test.metrics['test_accuracy']:.4f}")
-    print(f"dataset preview: {train.extras['preview']}")
-    print(f"MLflow runs: experiment {test.experiment_name!r}, runs {train.run_name!r} and {test.run_name!r}")
-    print(f"open them with: mlflow ui --backend-store-uri {test.tracking_uri}")
+    for stage, record in result.stages.items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in record["metrics"].items() if k.endswith("accuracy"))
+        print(f"| {stage} | {record['seconds']:.0f} | {record['run_id']} | {shown} |")
+    if result.summary:
+        print()
+        print(summary_markdown(result.summary))
+        print()
+        for key, path in result.report.items():
+            print(f"report {key}: {path}")
+    for stage in result.stages.values():
+        for model in stage.get("models", []):
+            print(f"registered model: {model['uri']}")
+    if "teacher" in result.stages:
+        print(f"teacher test accuracy: {result.stages['teacher']['metrics']['test_accuracy']:.4f}")
+    print(f"MLflow: experiment {result.experiment_name!r}, parent run {result.parent_run_id}")
+    print(f"open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
     return 0
 
 

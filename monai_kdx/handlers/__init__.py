@@ -6,5 +6,6 @@ from .output_transforms import scalars, stacked
 from .progress import ProgressBar
 from .pruning import RelevancePruningHandler
 from .saliency import SaliencyGuidance
+from .tracking import MLflowModelLogger
 
-__all__ = ["ProgressBar", "RelevancePruningHandler", "SaliencyGuidance", "scalars", "stacked"]
+__all__ = ["MLflowModelLogger", "ProgressBar", "RelevancePruningHandler", "SaliencyGuidance", "scalars", "stacked"]

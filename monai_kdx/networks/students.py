@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -20,17 +21,29 @@ from .capture import unwrap_network
 
 __all__ = ["ShallowCNN", "densenet_student", "resnet_student", "count_parameters", "count_macs"]
 
+NORMS = ("batch", "instance", "group")
+"""Normalization layers :class:`ShallowCNN` accepts."""
+
+
+def _norm_layer(norm: str, spatial_dims: int, channels: int) -> nn.Module:
+    """A ``norm`` layer (one of :data:`NORMS`) over ``channels`` channels."""
+    if norm == "batch":
+        return Norm[Norm.BATCH, spatial_dims](channels)
+    if norm == "instance":
+        return Norm[Norm.INSTANCE, spatial_dims](channels, affine=True)
+    return nn.GroupNorm(math.gcd(channels, 8), channels)
+
 
 class _ResidualBlock(nn.Module):
-    def __init__(self, spatial_dims: int, channels: int) -> None:
+    def __init__(self, spatial_dims: int, channels: int, norm: str = "batch") -> None:
         super().__init__()
-        conv, norm = Conv[Conv.CONV, spatial_dims], Norm[Norm.BATCH, spatial_dims]
+        conv = Conv[Conv.CONV, spatial_dims]
         self.body = nn.Sequential(
             conv(channels, channels, 3, padding=1, bias=False),
-            norm(channels),
+            _norm_layer(norm, spatial_dims, channels),
             nn.ReLU(inplace=True),
             conv(channels, channels, 3, padding=1, bias=False),
-            norm(channels),
+            _norm_layer(norm, spatial_dims, channels),
         )
         self.act = nn.ReLU(inplace=True)
 
@@ -39,7 +52,7 @@ class _ResidualBlock(nn.Module):
 
 
 class ShallowCNN(nn.Module):
-    """A shallow CNN student: conv blocks (3×3 conv → BN → ReLU → 2× max-pool), one residual block,
+    """A shallow CNN student: conv blocks (3×3 conv → norm → ReLU → 2× max-pool), one residual block,
     global average pooling and a dense head.
 
     Input (B, C_in, H, W) or (B, C_in, H, W, D); output logits (B, out_channels). Block ``i`` outputs
@@ -52,6 +65,17 @@ class ShallowCNN(nn.Module):
         channels: output channels of each conv block (its length is the number of blocks).
         hidden: width of the dense head's hidden layer (0: a single linear layer).
         dropout: dropout before the last linear layer.
+        norm: normalization after each convolution: ``"batch"`` (BatchNorm, the default), ``"instance"``
+            (InstanceNorm with learned affine parameters) or ``"group"`` (GroupNorm, ``gcd(channels, 8)``
+            groups). Instance and group norms compute their statistics per sample, so the output of a sample
+            does not depend on the rest of the batch, in training mode too: data-parallel training then
+            matches one process on the global batch. InstanceNorm needs more than one spatial element per
+            channel in training mode (an input of at least ``2^(len(channels)+1)`` per side); GroupNorm works
+            on any size. Relevance pruning (Torch-Pruning) supports ``"batch"`` and ``"group"`` (the group
+            count is kept), not ``"instance"``.
+
+    Raises:
+        ValueError: ``spatial_dims`` not 2 or 3, no conv block, or an unknown ``norm``.
     """
 
     def __init__(
@@ -62,24 +86,30 @@ class ShallowCNN(nn.Module):
         channels: Sequence[int] = (8, 16, 32, 64, 64),
         hidden: int = 32,
         dropout: float = 0.2,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if not channels:
             raise ValueError("ShallowCNN needs at least one conv block.")
-        conv, norm = Conv[Conv.CONV, spatial_dims], Norm[Norm.BATCH, spatial_dims]
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
+        conv = Conv[Conv.CONV, spatial_dims]
         pool = Pool[Pool.MAX, spatial_dims]
         blocks, previous = [], in_channels
         for width in channels:
             blocks.append(
                 nn.Sequential(
-                    conv(previous, width, 3, padding=1, bias=False), norm(width), nn.ReLU(inplace=True), pool(2)
+                    conv(previous, width, 3, padding=1, bias=False),
+                    _norm_layer(norm, spatial_dims, width),
+                    nn.ReLU(inplace=True),
+                    pool(2),
                 )
             )
             previous = width
         self.blocks = nn.Sequential(*blocks)
-        self.residual = _ResidualBlock(spatial_dims, previous)
+        self.residual = _ResidualBlock(spatial_dims, previous, norm)
         self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
         layers: list[nn.Module] = [nn.Flatten()]
         if hidden:

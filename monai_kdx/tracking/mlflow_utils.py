@@ -123,7 +123,7 @@ def check_tracking_uri(tracking_uri: str | None, timeout: float = 5.0) -> str | 
     if scheme in ("http", "https"):
         url = uri.rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http(s) only)
+            with urllib.request.urlopen(url, timeout=timeout) as response:
                 status = response.status
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)

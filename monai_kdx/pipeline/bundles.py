@@ -1,8 +1,4 @@
-"""Run the project's MONAI bundles in-process and collect what they produced.
-
-The main job (``monai-kdx demo``) is the same sequence of bundle configs that a user can run one by
-one with ``python -m monai.bundle run``; this module only strings them together.
-"""
+"""Run the project's MONAI bundles in-process (``ConfigWorkflow``) and collect what they produced."""
 
 from __future__ import annotations
 
@@ -13,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLES_DIR", "bundle_path", "run_bundle", "StageResult", "run_teacher_demo", "log_dataset_preview"]
+__all__ = ["BUNDLES_DIR", "QUICK_OVERRIDES", "bundle_path", "run_bundle", "StageResult"]
 
-BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
+BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
 
 # Settings of the quick mode used by tests: a tiny dataset and one epoch.
 QUICK_OVERRIDES = {"n_samples": 16, "spatial_size": 32, "max_epochs": 1, "batch_size": 4}
@@ -92,47 +88,3 @@ def run_bundle(
         seconds=time.perf_counter() - start,
         extras={"output_dir": os.path.abspath(parsed("output_dir")), "datalist": parsed("datalist")},
     )
-
-
-def run_teacher_demo(
-    output_dir: str | os.PathLike = "runs/demo", quick: bool = False, **overrides: Any
-) -> list[StageResult]:
-    """Generate the default 3D dataset, train the teacher bundle, evaluate it on the test split.
-
-    Args:
-        output_dir: where data, checkpoints, predictions and the MLflow store go.
-        quick: a tiny dataset and one epoch (for tests and smoke runs).
-        overrides: further bundle config overrides (e.g. ``max_epochs=3``).
-
-    Returns:
-        The stage results: teacher training, then test evaluation.
-    """
-    output_dir = os.path.abspath(os.fspath(output_dir))
-    settings = {
-        "output_dir": output_dir,
-        "dataset_dir": os.path.join(output_dir, "data", "brain_mri_3d"),
-        **(QUICK_OVERRIDES if quick else {}),
-        **overrides,
-    }
-    train = run_bundle("brain_mri_3d", ["train_teacher.yaml"], ["train#trainer", "validate#evaluator"], **settings)
-    train.extras["preview"] = log_dataset_preview(train)
-    test = run_bundle("brain_mri_3d", ["train_teacher.yaml", "evaluate.yaml"], ["evaluator"], **settings)
-    return [train, test]
-
-
-def log_dataset_preview(stage: StageResult) -> str:
-    """Draw one training sample per class (image, lesion outline, gaze) and log it to the stage's run.
-
-    Returns:
-        The path of the PNG written to the stage's output folder.
-    """
-    from mlflow.tracking import MlflowClient
-
-    from monai_kdx.tracking import latest_run
-    from monai_kdx.visualize import datalist_preview
-
-    path = os.path.join(stage.extras["output_dir"], "dataset_preview.png")
-    datalist_preview(stage.extras["datalist"], path)
-    run = latest_run(stage.tracking_uri, stage.experiment_name, stage.run_name)
-    MlflowClient(stage.tracking_uri).log_artifact(run.info.run_id, path)
-    return path

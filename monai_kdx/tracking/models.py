@@ -1,0 +1,162 @@
+"""Classifiers as MLflow models: logged into an existing run (e.g. the one MONAI's ``MLFlowHandler``
+writes to), registered in the Model Registry, and loaded back to predict.
+
+The model is an MLflow ``pyfunc`` "model from code" whose only artifact is a
+:func:`monai_kdx.pruning.save_pruned` file (builder spec + layer widths + weights): pruned and
+unpruned networks load back without unpickling any module. ``predict`` maps an array of shape
+(N, C, *spatial) to class probabilities (N, K).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LoggedModel", "log_classifier", "load_classifier", "PYFUNC_CODE"]
+
+PYFUNC_CODE = Path(__file__).with_name("_pyfunc_classifier.py")
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    """Where a logged classifier lives: ``model_uri`` (``runs:/<run>/<path>``), and when registered
+    its registered name and version (``models:/<name>/<version>``)."""
+
+    run_id: str
+    artifact_path: str
+    model_uri: str
+    registered_name: str | None = None
+    version: str | None = None
+
+    @property
+    def registry_uri(self) -> str | None:
+        """``models:/<name>/<version>`` when registered."""
+        return f"models:/{self.registered_name}/{self.version}" if self.registered_name else None
+
+
+def _client(client_or_uri: Any) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=client_or_uri) if isinstance(client_or_uri, str) else client_or_uri
+
+
+def _network_file(path: str, builder: Mapping[str, Any] | None, folder: str) -> str:
+    """A ``save_pruned`` file for ``path``: the file itself when it is one, else the state-dict checkpoint
+    loaded into ``builder``'s network and saved in that format."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    from monai_kdx.networks import load_weights
+    from monai_kdx.pruning.persistence import FORMAT, save_pruned
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no model file at {path!r}.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file
+        raise ValueError(f"model file {path!r} cannot be read: {error}") from error
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        return path
+    if builder is None:
+        raise ValueError(
+            f"{path!r} is a state dict: pass builder={{'_target_': 'dotted.path', **kwargs}} to rebuild its network."
+        )
+    network = ConfigParser({"net": dict(builder)}).get_parsed_content("net")
+    load_weights(network, path)
+    return save_pruned(network.eval(), os.path.join(folder, "network.pt"), builder=dict(builder))
+
+
+def log_classifier(
+    client_or_uri: Any,
+    run_id: str,
+    path: str | os.PathLike,
+    builder: Mapping[str, Any] | None = None,
+    artifact_path: str = "model",
+    registered_model_name: str | None = None,
+    input_shape: Sequence[int] | None = None,
+) -> LoggedModel:
+    """Log a classifier file as an MLflow pyfunc model into run ``run_id`` and optionally register it.
+
+    Args:
+        client_or_uri: an ``MlflowClient`` (e.g. MONAI's ``MLFlowHandler.client``) or a tracking URI.
+        run_id: the run to log into (it need not be active).
+        path: a :func:`~monai_kdx.pruning.save_pruned` file, or a state-dict checkpoint (``CheckpointSaver``)
+            together with ``builder``.
+        builder: ``{"_target_": "dotted.path", **kwargs}`` that builds the network of a state-dict checkpoint.
+        artifact_path: the model's folder in the run's artifacts.
+        registered_model_name: register the model under this name (a new version each call); ``None``: not
+            registered.
+        input_shape: ``(C, *spatial)`` of one input; when given, the model gets a tensor signature and an input
+            example, and the network is checked to run on it.
+
+    Returns:
+        A :class:`LoggedModel`.
+
+    Raises:
+        FileNotFoundError, ValueError: the file is missing, unreadable, or a state dict without ``builder``.
+    """
+    import mlflow.pyfunc
+    import numpy as np
+
+    from monai_kdx.pruning import load_pruned
+
+    client = _client(client_or_uri)
+    path = os.fspath(path)
+    with tempfile.TemporaryDirectory(prefix="monai_kdx_model_") as folder:
+        network_file = _network_file(path, builder, folder)
+        signature = example = None
+        if input_shape is not None:
+            import torch
+            from mlflow.models import infer_signature
+
+            network = load_pruned(network_file).eval()
+            example = np.zeros((1, *[int(size) for size in input_shape]), dtype=np.float32)
+            with torch.no_grad():
+                probabilities = torch.softmax(network(torch.from_numpy(example)), dim=1).numpy()
+            signature = infer_signature(example, probabilities)
+        local = os.path.join(folder, "model")
+        mlflow.pyfunc.save_model(
+            local,
+            python_model=str(PYFUNC_CODE),
+            artifacts={"network": network_file},
+            signature=signature,
+            input_example=example,
+            pip_requirements=["monai_kdx", "torch", "monai", "numpy"],
+        )
+        client.log_artifacts(run_id, local, artifact_path)
+    logged = LoggedModel(run_id, artifact_path, f"runs:/{run_id}/{artifact_path}")
+    if registered_model_name is None:
+        return logged
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(registered_model_name)
+    except MlflowException:
+        client.create_registered_model(registered_model_name)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = client.create_model_version(registered_model_name, source=source, run_id=run_id)
+    return LoggedModel(run_id, artifact_path, logged.model_uri, registered_model_name, str(version.version))
+
+
+def load_classifier(model_uri: str, tracking_uri: str) -> Any:
+    """Load a logged classifier (``runs:/…``, or ``models:/name/version`` from the registry) as an MLflow pyfunc model.
+
+    The artifacts are downloaded from ``tracking_uri`` (no global MLflow state is changed).
+
+    Returns:
+        An ``mlflow.pyfunc.PyFuncModel``; ``.predict(array (N, C, *spatial))`` gives probabilities (N, K).
+    """
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
+    if model_uri.startswith("models:/"):  # resolved here: MLflow would ask the global registry URI
+        name, _, version = model_uri[len("models:/") :].partition("/")
+        model_uri = _client(tracking_uri).get_model_version_download_uri(name, version)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=model_uri, tracking_uri=tracking_uri, dst_path=tempfile.mkdtemp(prefix="monai_kdx_load_")
+    )
+    return mlflow.pyfunc.load_model(local)

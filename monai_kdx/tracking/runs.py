@@ -1,0 +1,155 @@
+"""Pipeline runs in MLflow: one parent run per pipeline, one child run per stage, and the run that
+MONAI's ``MLFlowHandler`` writes to, found on an engine, so everything a stage produces lands there.
+
+MONAI's handler never starts a fluent run: it creates (or reuses) a run through its own
+``MlflowClient``, looked up by ``run_name`` among the experiment's runs that are not finished. A
+pipeline therefore creates each stage's child run first (tagged ``mlflow.parentRunId``) and passes its
+name to the bundle as ``run_name``: every ``MLFlowHandler`` of the stage's engines picks that run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "PARENT_TAG",
+    "STAGE_TAG",
+    "experiment_id",
+    "start_parent_run",
+    "start_child_run",
+    "reopen_run",
+    "end_run",
+    "child_runs",
+    "mlflow_handler_run",
+    "has_mlflow_handler",
+]
+
+PARENT_TAG = "mlflow.parentRunId"
+STAGE_TAG = "monai_kdx.stage"
+_FINISHED = ("FINISHED", "FAILED", "KILLED")
+
+
+def _client(tracking_uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(tracking_uri: str, experiment_name: str) -> str:
+    """The id of an experiment, created if it does not exist."""
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return client.create_experiment(experiment_name)
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def _close_stale_runs(client: Any, experiment: str, run_name: str) -> None:
+    """Rename runs named ``run_name`` that did not finish (an interrupted or failed attempt) to
+    ``"<run_name> (failed)"`` and mark them FAILED: MONAI's handler picks the oldest run with its name
+    whose status is not FINISHED, so only the run created next may carry the name."""
+    for run in client.search_runs([experiment], filter_string=f"attributes.run_name = '{run_name}'"):
+        if run.info.status != "FINISHED":
+            client.update_run(run.info.run_id, name=f"{run_name} (failed)")
+            if run.info.status not in _FINISHED:
+                client.set_terminated(run.info.run_id, "FAILED")
+
+
+def start_parent_run(
+    tracking_uri: str,
+    experiment_name: str,
+    run_name: str = "pipeline",
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Create the parent run of a pipeline.
+
+    Args:
+        tracking_uri: the MLflow store.
+        experiment_name: created if missing.
+        run_name: the parent's name.
+        params: logged once as run parameters.
+        tags: extra tags.
+
+    Returns:
+        The new run's id.
+    """
+    from mlflow.entities import Param
+
+    client = _client(tracking_uri)
+    experiment = experiment_id(tracking_uri, experiment_name)
+    run = client.create_run(experiment, run_name=run_name, tags=dict(tags or {}))
+    if params:
+        client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    return run.info.run_id
+
+
+def start_child_run(tracking_uri: str, parent_run_id: str, run_name: str, stage: str | None = None) -> str:
+    """Create a child run under ``parent_run_id`` (same experiment), for one stage.
+
+    Unfinished runs with the same name in the experiment (an interrupted attempt) are marked FAILED
+    first, so a bundle run with ``run_name`` can only pick this one.
+
+    Returns:
+        The child run's id.
+    """
+    client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    _close_stale_runs(client, parent.info.experiment_id, run_name)
+    run = client.create_run(
+        parent.info.experiment_id,
+        run_name=run_name,
+        tags={PARENT_TAG: parent_run_id, STAGE_TAG: stage or run_name},
+    )
+    return run.info.run_id
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    """Set a run back to RUNNING, so the next ``MLFlowHandler`` with its name writes to it (MONAI's
+    handler ends its run when its engine completes)."""
+    _client(tracking_uri).update_run(run_id, status="RUNNING")
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Terminate a run with ``status`` (FINISHED, FAILED or KILLED)."""
+    _client(tracking_uri).set_terminated(run_id, status)
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
+    """The runs tagged as children of ``parent_run_id``, oldest first."""
+    client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1000
+    )
+    return sorted(runs, key=lambda run: run.info.start_time)
+
+
+def mlflow_handler_run(engine: Any) -> tuple[Any, str] | None:
+    """The client and run id of the MONAI ``MLFlowHandler`` attached to ``engine``.
+
+    Returns:
+        ``(client, run_id)`` of the first attached handler that has a run, or ``None`` when no
+        ``MLFlowHandler`` is attached (e.g. on ranks > 0 under DDP) or none has started its run.
+    """
+    from monai.handlers import MLFlowHandler
+
+    for handlers in engine._event_handlers.values():
+        for entry in handlers:
+            owner = getattr(entry[0], "__self__", None)
+            if isinstance(owner, MLFlowHandler) and owner.cur_run is not None:
+                return owner.client, owner.cur_run.info.run_id
+    return None
+
+
+def has_mlflow_handler(engine: Any) -> bool:
+    """Whether a MONAI ``MLFlowHandler`` is attached to ``engine`` (started or not)."""
+    from monai.handlers import MLFlowHandler
+
+    return any(
+        isinstance(getattr(entry[0], "__self__", None), MLFlowHandler)
+        for handlers in engine._event_handlers.values()
+        for entry in handlers
+    )
