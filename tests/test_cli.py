@@ -1,34 +1,15 @@
-"""The monai-kdx console script: the main job in quick mode, and make-dataset through real files."""
+"""The monai-kdx console script: make-dataset through real files (the demo: tests/test_pipeline.py)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 
-import pytest
 from conftest import VENV_BIN
-
-from monai_kdx.tracking import latest_run, run_summary
 
 
 def _cli(*args: str, env, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([str(VENV_BIN / "monai-kdx"), *args], capture_output=True, text=True, env=env, cwd=cwd)
-
-
-@pytest.mark.slow
-def test_demo_quick_trains_evaluates_and_reports_the_mlflow_run(tmp_path, subprocess_env):
-    result = _cli("demo", "--quick", "--out", "demo", env=subprocess_env, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("teacher test accuracy:"))
-    accuracy = float(line.split(":")[1])
-    uri = f"sqlite:///{tmp_path / 'demo' / 'mlruns.db'}"
-    assert uri in result.stdout
-    evaluated = run_summary(uri, latest_run(uri, "brain_mri_3d", "evaluate_teacher"))
-    assert evaluated["metrics"]["test_accuracy"] == pytest.approx(accuracy, abs=1e-4)
-    trained = run_summary(uri, latest_run(uri, "brain_mri_3d", "train_teacher"))
-    assert trained["params"]["spatial_size"] == "32"
-    assert {"model_final.pt", "dataset_preview.png"} <= set(trained["artifacts"])
-    assert (tmp_path / "demo" / "data" / "brain_mri_3d" / "datalist.json").is_file()
 
 
 def test_make_dataset_writes_then_refuses_a_different_dataset(tmp_path, subprocess_env):

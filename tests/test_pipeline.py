@@ -1,0 +1,233 @@
+"""The main job through its real path: `monai-kdx demo --quick` run in stages, an interrupted stage,
+resumption without redoing completed stages, the MLflow parent/child runs and registered models read
+back, the report, a corrupt stage input, and the same pipeline against a real `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from conftest import VENV_BIN
+from mlflow.tracking import MlflowClient
+
+from monai_kdx.pipeline import Pipeline, check_checkpoint, runner
+from monai_kdx.pruning import load_pruned
+from monai_kdx.tracking import PARENT_TAG, child_runs, load_classifier, run_summary
+
+
+def _cli(*args: str, env, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(VENV_BIN / "monai-kdx"), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=900
+    )
+
+
+def _runs_named(uri: str, name: str) -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("brain_mri_3d")
+    return client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+
+
+@pytest.mark.slow
+def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_env, monkeypatch):
+    out = tmp_path / "demo"
+    uri = f"sqlite:///{out / 'mlruns.db'}"
+
+    # 1. the CLI runs the first two stages
+    first = _cli("demo", "--quick", "--out", str(out), "--until", "distill", env=subprocess_env, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "registered model: models:/brain_mri_3d_student/1" in first.stdout
+    state = json.loads((out / "pipeline.json").read_text())
+    assert list(state["stages"]) == ["teacher", "distill"]
+    kept = {p: os.stat(out / p).st_mtime_ns for p in ("models/model.pt", "student/model.pt", "dataset_preview.png")}
+
+    # 2. resumed in-process; the prune stage crashes half-way (after its bundle started logging)
+    original = runner.STAGE_FUNCTIONS["prune"]
+
+    def crashing(pipeline, run_id):
+        MlflowClient(pipeline.tracking_uri).log_metric(run_id, "started", 1.0)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setitem(runner.STAGE_FUNCTIONS, "prune", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Pipeline(out, quick=True).run()
+    monkeypatch.setitem(runner.STAGE_FUNCTIONS, "prune", original)
+    assert list(json.loads((out / "pipeline.json").read_text())["stages"]) == ["teacher", "distill"]
+
+    # 3. the CLI resumes: teacher and distill are not redone, prune runs again, everything completes
+    resumed = _cli("demo", "--quick", "--out", str(out), env=subprocess_env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "teacher: completed earlier" in resumed.stdout and "distill: completed earlier" in resumed.stdout
+    assert {p: os.stat(out / p).st_mtime_ns for p in kept} == kept
+    final = json.loads((out / "pipeline.json").read_text())
+    assert list(final["stages"]) == list(runner.STAGES)
+    assert final["parent_run_id"] == state["parent_run_id"]
+    assert {s: final["stages"][s]["run_id"] for s in ("teacher", "distill")} == {
+        s: state["stages"][s]["run_id"] for s in ("teacher", "distill")
+    }
+
+    # MLflow: one parent, one finished child per stage, the crashed attempt kept as a failed run
+    parent = state["parent_run_id"]
+    children = {run.info.run_name: run for run in child_runs(uri, parent)}
+    assert {"teacher", "distill", "prune", "saliency", "explain", "prune (failed)"} == set(children)
+    assert children["prune (failed)"].info.status == "FAILED"
+    assert all(children[s].info.status == "FINISHED" for s in runner.STAGES)
+    assert len(_runs_named(uri, "teacher")) == 1 and len(_runs_named(uri, "distill")) == 1
+    explain_runs = {run.info.run_name for run in child_runs(uri, children["explain"].info.run_id)}
+    assert explain_runs == {"explain_teacher", "explain_student", "explain_pruned", "explain_saliency"}
+    assert MlflowClient(uri).get_run(parent).info.status == "FINISHED"
+
+    # everything a stage produced is in its child run
+    teacher = run_summary(uri, children["teacher"])
+    assert {"model.pt", "dataset_preview.png", "test_predictions.csv"} <= set(teacher["artifacts"])
+    assert {"train_accuracy", "val_accuracy", "test_accuracy"} <= set(teacher["metrics"])
+    distill = run_summary(uri, children["distill"])
+    assert {"student_model/MLmodel", "model.pt", "test_predictions.csv"} <= set(distill["artifacts"])
+    assert {"train_kd", "train_attention", "test_accuracy"} <= set(distill["metrics"])
+    prune = run_summary(uri, children["prune"])
+    assert {"pruned_model/MLmodel", "model_pruned.pt"} <= set(prune["artifacts"])
+    assert prune["metrics"]["prune_params"] < prune["metrics"]["prune_params_before"]
+    explained = run_summary(uri, _runs_named(uri, "explain_pruned")[0])
+    assert any(a.endswith("_cam.nii.gz") for a in explained["artifacts"])
+    assert {"pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"} <= set(explained["metrics"])
+    parent_summary = run_summary(uri, parent)
+    assert {"report/report.md", "report/summary.png", "report/hierarchy.png"} <= set(parent_summary["artifacts"])
+    assert parent_summary["metrics"]["distill_test_accuracy"] == distill["metrics"]["test_accuracy"]
+
+    # the registered pruned student loads back (no pickled module) and predicts like the pruned file
+    assert "registered model: models:/brain_mri_3d_student_pruned/1" in resumed.stdout
+    model = load_classifier("models:/brain_mri_3d_student_pruned/1", uri)
+    x = torch.randn(2, 1, 32, 32, 32)
+    reference = load_pruned(out / "pruned" / "model_pruned.pt").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(model.predict(x.numpy()), torch.softmax(reference(x), 1).numpy(), atol=1e-5)
+
+    # the summary: four models, the pruned one smallest, values measured (finite), the table printed
+    rows = {row["model"]: row for row in json.loads((out / "report" / "summary.json").read_text())["rows"]}
+    assert list(rows) == ["teacher", "student", "pruned", "saliency"]
+    assert rows["pruned"]["params"] < rows["student"]["params"] < rows["teacher"]["params"]
+    assert rows["pruned"]["macs_m"] < rows["student"]["macs_m"] < rows["teacher"]["macs_m"]
+    assert all(np.isfinite(rows[m]["latency_ms"]) and rows[m]["explain_ms"] > 0 for m in rows)
+    assert all(-1 <= rows[m]["agreement_teacher"] <= 1 for m in ("student", "pruned", "saliency"))
+    assert "| pruned |" in resumed.stdout
+    assert (out / "report" / "hierarchy.png").stat().st_size > 10_000
+
+    # 4. a corrupt stage input: the error names the file, nothing new is run or logged
+    (out / "report" / "report.md").unlink()  # the explain stage must run again...
+    (out / "student" / "model.pt").write_bytes(b"truncated")  # ...and its input is corrupt
+    before = len(child_runs(uri, parent))
+    broken = _cli("demo", "--quick", "--out", str(out), env=subprocess_env, cwd=tmp_path)
+    assert broken.returncode == 2
+    assert f"stage 'explain' needs the distilled student checkpoint {out / 'student' / 'model.pt'}" in broken.stderr
+    assert "corrupt" in broken.stderr
+    assert len(child_runs(uri, parent)) == before
+
+    # other settings in the same folder are refused
+    other = _cli("demo", "--out", str(out), env=subprocess_env, cwd=tmp_path)
+    assert other.returncode == 2 and "other settings" in other.stderr
+
+
+def test_check_checkpoint_names_the_file_and_the_reason(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"stage 'prune' needs the student .*missing.pt: the file does not"):
+        check_checkpoint(str(tmp_path / "missing.pt"), "prune", "the student")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.pt: the file is corrupt"):
+        check_checkpoint(str(empty), "prune", "the student")
+    scalar = tmp_path / "scalar.pt"
+    torch.save(torch.tensor(1.0), scalar)
+    with pytest.raises(ValueError, match="holds no weights"):
+        check_checkpoint(str(scalar), "prune", "the student")
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.ones(1)}}, good)
+    check_checkpoint(str(good), "prune", "the student")
+
+
+def test_pipeline_refuses_bad_settings_before_any_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no bundle 'lung_ct'"):
+        Pipeline(tmp_path / "a", bundle="lung_ct")
+    with pytest.raises(ValueError, match="unknown stage 'teach'"):
+        Pipeline(tmp_path / "b", quick=True).run(until="teach")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ConnectionError, match="unreachable"):
+        Pipeline(tmp_path / "c", tracking_uri=f"http://127.0.0.1:{port}")
+    assert not (tmp_path / "b" / "data").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, subprocess_env):
+    """A real `mlflow server` on 127.0.0.1 (free port), SQLite backend, proxied artifact storage."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [
+                str(VENV_BIN / "mlflow"), "server",
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                "--artifacts-destination", str(tmp_path / "server-artifacts"),
+            ],
+            stdout=subprocess.DEVNULL, stderr=log, env=subprocess_env, start_new_session=True,
+        )  # fmt: skip
+        try:
+            deadline = time.time() + 120
+            while not _healthy(url):
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+            yield url, tmp_path
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_pipeline_stages_against_a_real_mlflow_server(mlflow_server, subprocess_env):
+    url, tmp_path = mlflow_server
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "monai_kdx.cli", "demo", "--quick", "--out", str(out), "--until", "distill",
+         "--tracking-uri", url],
+        capture_output=True, text=True, env=subprocess_env, cwd=tmp_path, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert not (out / "mlruns.db").exists()  # nothing went to the local default store
+    state = json.loads((out / "pipeline.json").read_text())
+    children = {run.info.run_name: run for run in child_runs(url, state["parent_run_id"])}
+    assert set(children) == {"teacher", "distill"}
+    assert all(run.data.tags[PARENT_TAG] == state["parent_run_id"] for run in children.values())
+    distill = run_summary(url, children["distill"])
+    assert distill["metrics"]["test_accuracy"] == state["stages"]["distill"]["metrics"]["test_accuracy"]
+    assert {"model.pt", "student_model/MLmodel", "test_predictions.csv"} <= set(distill["artifacts"])
+    assert distill["artifact_uri"].startswith("mlflow-artifacts:")  # stored by the server, not locally
+    # the registered student, downloaded over HTTP, predicts like the best checkpoint
+    model = load_classifier("models:/brain_mri_3d_student/1", url)
+    from monai_kdx.networks import ShallowCNN, load_weights
+
+    network = load_weights(ShallowCNN(3, 1, 4), str(out / "student" / "model.pt")).eval()
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(model.predict(x.numpy()), torch.softmax(network(x), 1).numpy(), atol=1e-5)
