@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 __all__ = ["LoggedModel", "log_classifier", "load_classifier", "PYFUNC_CODE"]
 
 PYFUNC_CODE = Path(__file__).with_name("_pyfunc_classifier.py")
+# predict takes arrays of any (N, C, *spatial) shape: MLflow's type-hint validation does not apply
+_TYPE_HINT_WARNING = ".*Add type hints to the `predict` method"
 
 
 @dataclass(frozen=True)
@@ -119,14 +122,16 @@ def log_classifier(
                 probabilities = torch.softmax(network(torch.from_numpy(example)), dim=1).numpy()
             signature = infer_signature(example, probabilities)
         local = os.path.join(folder, "model")
-        mlflow.pyfunc.save_model(
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_TYPE_HINT_WARNING, category=UserWarning)
+            mlflow.pyfunc.save_model(
             local,
-            python_model=str(PYFUNC_CODE),
-            artifacts={"network": network_file},
-            signature=signature,
-            input_example=example,
-            pip_requirements=["monai_kdx", "torch", "monai", "numpy"],
-        )
+                python_model=str(PYFUNC_CODE),
+                artifacts={"network": network_file},
+                signature=signature,
+                input_example=example,
+                pip_requirements=["monai_kdx", "torch", "monai", "numpy"],
+            )
         client.log_artifacts(run_id, local, artifact_path)
     logged = LoggedModel(run_id, artifact_path, f"runs:/{run_id}/{artifact_path}")
     if registered_model_name is None:
@@ -159,4 +164,6 @@ def load_classifier(model_uri: str, tracking_uri: str) -> Any:
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=model_uri, tracking_uri=tracking_uri, dst_path=tempfile.mkdtemp(prefix="monai_kdx_load_")
     )
-    return mlflow.pyfunc.load_model(local)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TYPE_HINT_WARNING, category=UserWarning)
+        return mlflow.pyfunc.load_model(local)
