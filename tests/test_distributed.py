@@ -14,9 +14,12 @@ Distillation and saliency-guided training on 2 ranks x batch 2 end with the same
   single voxel left after five poolings of the 32^3 test volumes.)
 
 With that, DDP's gradient (mean over ranks of each rank's mean loss) equals the single process's mean loss
-gradient up to floating-point summation order. The other tests run the new overrides (``multi_gpu_train.yaml``,
-``multi_gpu_prune.yaml``): both ranks end identical, ranks > 0 create no MLflow run, and pruning removes the same
-channels on every rank. All runs reuse the session's tiny teacher, its dataset and its MLflow store.
+gradient up to floating-point summation order. The single-process reference runs ``monai.bundle.run`` inside the
+test process (no second interpreter start-up), the 2-rank run is a real ``torchrun``.
+
+The other tests run the new overrides (``multi_gpu_train.yaml``, ``multi_gpu_prune.yaml``): both ranks end
+identical, ranks > 0 create no MLflow run, and pruning removes the same channels on every rank. All runs reuse
+the session's tiny teacher, its dataset and its MLflow store.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from monai_kdx.pruning import load_pruned
 TORCHRUN = ("timeout", "-k", "10", "240", str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m")
 SINGLE = ("--batch_size", "4", "--train#dataloader#shuffle", "False")  # one process, the global batch
 TWO_RANKS = ("--batch_size", "2", "--train#sampler#shuffle", "False", "--save_rank_weights", "True")
-TOLERANCE = 1e-5  # float32 weights after 2 Adam steps; measured differences are about 1e-7
+# float32 weights after 2 Adam steps of lr 1e-3: measured differences are ~1e-6 (summation order, amplified where
+# Adam divides tiny gradients by their own size); per-rank BatchNorm statistics instead give ~3e-3
+TOLERANCE = 5e-5
 
 
 @pytest.fixture
@@ -75,15 +80,14 @@ def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 
 def _no_augmentation(config: str) -> list[str]:
-    """``--…#prob 0`` for every random transform of a config's own training transform list (if it has one)."""
+    """No random augmentation: every training transform list (train_teacher.yaml's and saliency_train.yaml's)
+    takes its probabilities from ``augment_prob``; the check below fails if a config hard-codes one."""
     transforms = yaml.safe_load((REPO / "bundles" / "brain_mri_3d" / "configs" / config).read_text()).get(
         "train#preprocessing#transforms", []
     )
-    overrides = ["--augment_prob", "0"]
-    for index, transform in enumerate(transforms):
-        if transform["_target_"].startswith("Rand"):
-            overrides += [f"--train#preprocessing#transforms#{index}#prob", "0"]
-    return overrides
+    fixed = [t["_target_"] for t in transforms if t["_target_"].startswith("Rand") and t.get("prob") != "@augment_prob"]
+    assert not fixed, f"{config}: random transforms not driven by augment_prob: {fixed}"
+    return ["--augment_prob", "0"]
 
 
 def _one_process(tmp_path, configs: list[str], *overrides: str) -> None:
@@ -181,8 +185,10 @@ def test_teacher_training_on_two_ranks(shared):
 @pytest.mark.slow
 def test_pruning_on_two_ranks_removes_the_same_channels(shared):
     """multi_gpu_prune.yaml on the teacher: relevance (taylor, data-dependent) from each rank's calibration shard,
-    summed over ranks, so both ranks prune the same channels and take the same gate decision; the pruned network is
-    re-wrapped in DDP and fine-tuned in sync; rank 0 writes the pruned file and the only MLflow run."""
+    summed over ranks, so both ranks prune the same channels and take the same gate decision: their pruning reports
+    (accepted, parameters, MACs, accuracy, explanation agreement of the candidate before DDP re-wrapping) and layer
+    widths are identical; the pruned network is re-wrapped in DDP and fine-tuned in sync (identical weights);
+    rank 0 writes the pruned file and the only MLflow run."""
     tmp_path, env, uri, common = shared
     configs = ["train_teacher.yaml", "prune.yaml", "multi_gpu_prune.yaml"]
     extra = ("--prune_source", "teacher", "--prune_method", "taylor", "--prune_ratio", "0.5", "--batch_size", "2",
@@ -220,3 +226,38 @@ def test_shallow_cnn_norms_per_sample_statistics():
         assert torch.allclose(together, alone, atol=1e-5) is independent, norm
     with pytest.raises(ValueError, match="norm"):
         ShallowCNN(2, 1, 3, norm="layer")
+
+
+@pytest.mark.parametrize("bundle", ["brain_mri_3d", "chest_xray_2d"])
+def test_every_training_config_has_a_torchrun_override(bundle):
+    """Each training config has its ``multi_gpu_*.yaml`` override in both bundles, set up the same way: the tracking
+    store checked first, the process group and ignite's distributed context created on every rank, sharded
+    training data, the network in DDP, rank-0-only MLflow runs (``is_not_rank0`` in the base config)."""
+    configs = REPO / "bundles" / bundle / "configs"
+    base = yaml.safe_load((configs / "train_teacher.yaml").read_text())
+    assert "torch.distributed.get_rank() > 0" in base["is_not_rank0"]
+    for stage, override in (
+        ("train_teacher", "multi_gpu_train"),
+        ("distill", "multi_gpu_distill"),
+        ("saliency_train", "multi_gpu_saliency"),
+        ("prune", "multi_gpu_prune"),
+    ):
+        assert (configs / f"{stage}.yaml").exists()
+        content = yaml.safe_load((configs / f"{override}.yaml").read_text())
+        initialize = content["initialize"]
+        assert initialize[0] == "$monai_kdx.tracking.check_tracking_uri(@tracking_uri)", override
+        assert any("init_process_group(backend=@backend)" in line for line in initialize), override
+        assert "$idist.sync()" in initialize, override
+        assert content["train#sampler"]["_target_"] == "DistributedSampler", override
+        assert content["train#dataloader#sampler"] == "@train#sampler", override
+        assert content["network"].startswith("$torch.nn.parallel.DistributedDataParallel("), override
+        assert any("destroy_process_group" in line for line in content["finalize"]), override
+    prune = yaml.safe_load((configs / "multi_gpu_prune.yaml").read_text())
+    assert prune["calibration#dataloader#sampler"] == "@calibration#sampler"  # relevance from each rank's shard
+
+
+def test_new_overrides_differ_only_by_bundle():
+    for name in ("multi_gpu_train.yaml", "multi_gpu_prune.yaml"):
+        brain = (REPO / "bundles" / "brain_mri_3d" / "configs" / name).read_text()
+        chest = (REPO / "bundles" / "chest_xray_2d" / "configs" / name).read_text()
+        assert brain.replace("brain_mri_3d", "chest_xray_2d") == chest, name
