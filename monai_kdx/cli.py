@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--spatial-size", type=int, default=None, help="side length in pixels/voxels")
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    compare.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="also log the report (tables, plot, JSON) and per-method scores to a run of experiment "
+        "'compare_explanations' in this MLflow store (checked before any work)",
+    )
     return parser
 
 
@@ -159,6 +165,10 @@ def _compare_explanations(args: argparse.Namespace) -> int:
     ):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}.")
+    if args.tracking_uri is not None:
+        from monai_kdx.tracking import check_tracking_uri
+
+        check_tracking_uri(args.tracking_uri)
     if args.threads is not None:
         import torch
 
@@ -178,6 +188,8 @@ def _compare_explanations(args: argparse.Namespace) -> int:
             )
         )
     paths = write_report(comparisons, args.out)
+    if args.tracking_uri is not None:
+        print(f"MLflow run: {_log_comparison(args.tracking_uri, comparisons, args.out)}")
     print()
     print(comparison_markdown(comparisons))
     for key, path in paths.items():
@@ -186,6 +198,34 @@ def _compare_explanations(args: argparse.Namespace) -> int:
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _log_comparison(tracking_uri: str, comparisons: Sequence, folder: str) -> str:
+    """Log the comparison report and every method's scores (``<kind>/<method>/<column>``) to a new run."""
+    import math
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from monai_kdx.tracking import end_run, start_parent_run
+
+    kinds = [c.name for c in comparisons]
+    run_id = start_parent_run(tracking_uri, "compare_explanations", "compare-explanations", params={"kinds": kinds})
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"{c.name}/{row['method']}/{key}", float(value), now, 0)
+        for c in comparisons
+        for row in c.rows
+        for key, value in row.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ]
+    client = MlflowClient(tracking_uri)
+    for start in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[start : start + 500])
+    client.log_artifacts(run_id, folder, "report")
+    end_run(tracking_uri, run_id)
+    return run_id
 
 
 def main(argv: Sequence[str] | None = None) -> int:

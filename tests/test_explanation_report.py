@@ -262,6 +262,7 @@ def test_run_comparison_explains_a_bundle_checkpoint(tmp_path):
         (["--checkpoint", "missing.pt"], "KIND=PATH"),
         (["--kind", "brain-mri-3d", "--checkpoint", "missing.pt"], "no file"),
         (["--n-images", "0"], "--n-images must be >= 1"),
+        (["--tracking-uri", "http://127.0.0.1:9"], "MLflow tracking server http://127.0.0.1:9 is unreachable"),
     ],
 )
 def test_cli_bad_input_fails_clearly_before_work(tmp_path, capsys, arguments, message):
@@ -275,6 +276,7 @@ def test_cli_quick_writes_the_three_files(tmp_path, subprocess_env):
     command = [
         sys.executable, "-m", "monai_kdx.cli", "compare-explanations", "--quick", "--threads", "1",
         "--methods", "gradcam,occlusion,integrated_gradients", "--out", str(tmp_path / "report"),
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlruns.db'}",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=subprocess_env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -291,6 +293,14 @@ def test_cli_quick_writes_the_three_files(tmp_path, subprocess_env):
         for row in comparison["rows"][:-1]:
             assert row["error"] is None and all(isinstance(row[key], float) for key in METRICS), row
     assert "| gradcam |" in result.stdout and "report.png" in result.stdout
+    # the same tables and every score in an MLflow run
+    from monai_kdx.tracking import latest_run, run_summary
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    logged = run_summary(uri, latest_run(uri, "compare_explanations"))
+    assert {"report/report.md", "report/report.png", "report/report.json"} <= set(logged["artifacts"])
+    gradcam = next(row for row in payload[1]["rows"] if row["method"] == "gradcam")
+    assert logged["metrics"]["brain-mri-3d/gradcam/pointing_game"] == pytest.approx(gradcam["pointing_game"])
 
 
 def test_run_comparison_is_reproducible_for_a_seed():

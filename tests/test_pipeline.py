@@ -93,7 +93,9 @@ def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_en
     assert {"student_model/MLmodel", "model.pt", "test_predictions.csv"} <= set(distill["artifacts"])
     assert {"train_kd", "train_attention", "test_accuracy"} <= set(distill["metrics"])
     prune = run_summary(uri, children["prune"])
-    assert {"pruned_model/MLmodel", "model_pruned.pt"} <= set(prune["artifacts"])
+    assert {"pruned_model/MLmodel", "model_pruned.pt", "model_pruned_report.json"} <= set(prune["artifacts"])
+    report = json.loads((out / "pruned" / "model_pruned_report.json").read_text())
+    assert report["method"] == "lrp" and report["steps"][0]["accepted"] and report["widths"]
     assert prune["metrics"]["prune_params"] < prune["metrics"]["prune_params_before"]
     explained = run_summary(uri, _runs_named(uri, "explain_pruned")[0])
     assert any(a.endswith("_cam.nii.gz") for a in explained["artifacts"])

@@ -42,8 +42,10 @@ same gate decision and removes the same channels.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import os
 import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -56,7 +58,7 @@ from torch import nn
 from monai_kdx.explain.base import restore_mode
 from monai_kdx.networks import count_macs, count_parameters, unwrap_network
 from monai_kdx.pruning import BUILDER_ATTRIBUTE, check_prunable, prune_by_relevance, resolve_relevance_method
-from monai_kdx.pruning.persistence import save_pruned
+from monai_kdx.pruning.persistence import architecture_spec, save_pruned
 from monai_kdx.pruning.prune import _check_builder, _check_ratio
 from monai_kdx.pruning.relevance import _device_of, _label_indices, _plain, split_batch
 
@@ -498,8 +500,15 @@ class RelevancePruningHandler:
             return DataParallel(pruned, device_ids=old.device_ids, output_device=old.output_device, dim=old.dim)
         return pruned
 
+    @property
+    def report_path(self) -> str | None:
+        """``<save_path without extension>_report.json``, written with the pruned file (``None`` without
+        ``save_path``)."""
+        return None if self.save_path is None else os.path.splitext(os.fspath(self.save_path))[0] + "_report.json"
+
     def completed(self, engine: Engine) -> None:
-        """Write the final network to ``save_path`` with :func:`~monai_kdx.pruning.save_pruned` (rank 0 only)."""
+        """Write the final network to ``save_path`` with :func:`~monai_kdx.pruning.save_pruned` and the pruning
+        report (steps, their metrics, the final width of every layer) to :attr:`report_path` (rank 0 only)."""
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed and torch.distributed.get_rank() > 0:
             return
@@ -512,3 +521,9 @@ class RelevancePruningHandler:
             ],
         }
         save_pruned(engine.network, self.save_path, builder=self.builder, metadata=metadata)
+        widths = {
+            path: entry.get("out_channels", entry.get("num_features", entry.get("out_features")))
+            for path, entry in architecture_spec(engine.network).items()
+        }
+        with open(self.report_path, "w") as stream:  # next to the file, for people and MLflow
+            json.dump({**metadata, "file": os.path.abspath(self.save_path), "widths": widths}, stream, indent=2)

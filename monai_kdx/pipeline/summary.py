@@ -2,10 +2,11 @@
 side (accuracy, size, CPU latency, explanation time, localization, faithfulness, explanation agreement),
 written as a report (``report.md``, ``summary.json``, ``summary.png``, ``hierarchy.png``).
 
-Localization and faithfulness come from the explain stage's bundle runs (one per model, on the whole
-test split). Latency and explanation time are measured here, on one CPU thread, batch of one, median
-of repeated calls. Agreement is the Pearson correlation between two models' fused Grad-CAMs of the
-same test images (the NIfTI heatmaps the explain stage saved), averaged over the test split.
+Test accuracy comes from each model's training stage (the whole test split); localization and
+faithfulness from the explain stage's bundle runs (one per model, on the explained test images).
+Latency and explanation time are measured here, on one CPU thread, batch of one, median of repeated
+calls. Agreement is the Pearson correlation between two models' fused Grad-CAMs of the same test
+images (the NIfTI heatmaps the explain stage saved), averaged over those images.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["build_models", "median_seconds", "agreement_matrix", "summary_markdown", "write_summary"]
 
+TRAINING_STAGE = {"teacher": "teacher", "student": "distill", "pruned": "prune", "saliency": "saliency"}
 COLUMNS = (
     ("model", "model", "{}"),
     ("test_accuracy", "test acc.", "{:.3f}"),
@@ -241,10 +243,11 @@ def write_summary(
                 "fused": result.fused[0, 0].numpy(),
             }
             metrics = explain_metrics.get(name, {})
+            trained = pipeline.state["stages"].get(TRAINING_STAGE[name], {}).get("metrics", {})
             rows.append(
                 {
                     "model": name,
-                    "test_accuracy": metrics.get("test_accuracy"),
+                    "test_accuracy": trained.get("test_accuracy", metrics.get("test_accuracy")),
                     "params": count_parameters(network),
                     "macs_m": count_macs(network, tuple(samples[0]["image"].shape)) / 1e6,
                     "latency_ms": 1000 * latency,
