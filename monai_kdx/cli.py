@@ -202,28 +202,15 @@ def _compare_explanations(args: argparse.Namespace) -> int:
 
 def _log_comparison(tracking_uri: str, comparisons: Sequence, folder: str) -> str:
     """Log the comparison report and every method's scores (``<kind>/<method>/<column>``) to a new run."""
-    import math
-    import time
-
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from monai_kdx.tracking import end_run, start_parent_run
+    from monai_kdx.tracking import end_run, log_metrics, start_parent_run
 
     kinds = [c.name for c in comparisons]
     run_id = start_parent_run(tracking_uri, "compare_explanations", "compare-explanations", params={"kinds": kinds})
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(f"{c.name}/{row['method']}/{key}", float(value), now, 0)
-        for c in comparisons
-        for row in c.rows
-        for key, value in row.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ]
-    client = MlflowClient(tracking_uri)
-    for start in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[start : start + 500])
-    client.log_artifacts(run_id, folder, "report")
+    scores = {f"{c.name}/{row['method']}/{k}": v for c in comparisons for row in c.rows for k, v in row.items()}
+    log_metrics(tracking_uri, run_id, scores)
+    MlflowClient(tracking_uri).log_artifacts(run_id, folder, "report")
     end_run(tracking_uri, run_id)
     return run_id
 

@@ -286,13 +286,10 @@ class Pipeline:
         print(f"[pipeline] {stage}: done in {record['seconds']:.0f} s {record['metrics']}")
 
     def _log_to_parent(self, parent: str, stage: str, record: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
+        from monai_kdx.tracking import log_metrics
 
-        now = int(time.time() * 1000)
-        metrics = [Metric(f"{stage}_{key}", float(value), now, 0) for key, value in record["metrics"].items()]
-        metrics.append(Metric(f"{stage}_seconds", float(record["seconds"]), now, 0))
-        MlflowClient(self.tracking_uri).log_batch(parent, metrics=metrics)
+        values = {f"{stage}_{key}": value for key, value in record["metrics"].items()}
+        log_metrics(self.tracking_uri, parent, {**values, f"{stage}_seconds": record["seconds"]})
 
 
 # --- the stages: each runs the bundle's configs into its child run and returns its record ----------
@@ -365,10 +362,9 @@ def explained_models(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
 
 
 def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from monai_kdx.tracking import end_run, start_child_run
+    from monai_kdx.tracking import end_run, log_metrics, start_child_run
 
     from .summary import write_summary
 
@@ -384,15 +380,8 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
         per_model[name] = result.metrics
         metrics.update({f"{name}_{key}": value for key, value in result.metrics.items()})
     summary, report = write_summary(pipeline, pipeline.path("report"), per_model)
+    log_metrics(pipeline.tracking_uri, run_id, {f"{row['model']}_{k}": v for row in summary for k, v in row.items()})
     client = MlflowClient(pipeline.tracking_uri)
-    numbers = {
-        f"{row['model']}_{key}": float(value)
-        for row in summary
-        for key, value in row.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
-    }
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in numbers.items()])
     client.log_artifacts(run_id, pipeline.path("report"), "report")
     client.log_artifacts(pipeline.state["parent_run_id"], pipeline.path("report"), "report")
     return {"metrics": metrics, "explain_runs": explain_runs, "summary": summary, "report": report}

@@ -9,6 +9,7 @@ name to the bundle as ``run_name``: every ``MLFlowHandler`` of the stage's engin
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "child_runs",
     "mlflow_handler_run",
     "has_mlflow_handler",
+    "log_metrics",
 ]
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -115,6 +117,30 @@ def reopen_run(tracking_uri: str, run_id: str) -> None:
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Terminate a run with ``status`` (FINISHED, FAILED or KILLED)."""
     _client(tracking_uri).set_terminated(run_id, status)
+
+
+def log_metrics(tracking_uri: str, run_id: str, values: Mapping[str, Any]) -> int:
+    """Log the finite real numbers of ``values`` (name → value; other entries skipped) to a run, at step 0.
+
+    Returns:
+        How many metrics were logged.
+    """
+    import math
+    import numbers
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, float(value), now, 0)
+        for key, value in values.items()
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ]
+    client = _client(tracking_uri)
+    for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    return len(metrics)
 
 
 def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
