@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +155,31 @@ def test_metadata_verifies_and_a_broken_one_fails(bundle, tmp_path):
     (tmp_path / "metadata.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="num_channels"):
         verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=schema)
+
+
+@pytest.mark.parametrize("bundle, sizes", [("brain_mri_3d", [8, 8, 8]), ("chest_xray_2d", [12, 6, 6])])
+def test_split_fractions_and_train_seed_keys(bundle, sizes, tmp_path):
+    """``split_fractions`` shapes the generated splits; ``train_seed`` seeds training, not the data."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train_teacher.yaml"))
+    parser.update(
+        {
+            "bundle_root": str(REPO / "bundles" / bundle),
+            "dataset_dir": str(tmp_path / "data"),
+            "n_samples": 24,
+            "spatial_size": 32,
+            "split_fractions": [0.5, 0.25, 0.25],
+            "train_seed": 7,
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+        }
+    )
+    datalist = json.loads(Path(parser.get_parsed_content("datalist")).read_text())
+    # per class (brain: 4 classes of 6, chest: 3 of 8), round(k / 4) to validation and to test; the defaults
+    # (0.7, 0.15, 0.15) would give brain 16/4/4 and chest 18/3/3
+    assert [len(datalist[s]) for s in ("training", "validation", "test")] == sizes
+    assert datalist["metadata"]["split_fractions"] == [0.5, 0.25, 0.25]
+    parser.get_parsed_content("initialize")
+    assert torch.initial_seed() == 7  # set_determinism(seed=train_seed); the dataset above kept seed 0
+    assert parser.get_parsed_content("seed") == 0 and parser.get_parsed_content("tracked_params")["train_seed"] == 7
