@@ -293,8 +293,11 @@ def cam_speed(quick: bool) -> dict[str, Any]:
 # distillation_accuracy's data: the bundle's 168 training and 36 validation volumes' worth, with a test
 # split large enough (276 volumes: one is 0.36 points) to tell students apart, and several training seeds
 # (the same data; weights, shuffling and augmentation vary) so one lucky initialisation decides nothing.
+# The teacher trains twice the bundle's 12 epochs: at 12 it is still underfitting (train accuracy 0.85,
+# test 0.79 on these 276 volumes) and a teacher worse than the student has nothing to teach.
 ACCURACY_DATA = {"n_samples": 480, "split_fractions": [0.35, 0.075, 0.575]}
-ACCURACY_SEEDS = (0, 1, 2)
+ACCURACY_SEEDS = (0, 1)
+ACCURACY_TEACHER_EPOCHS = 24
 
 
 @benchmark
@@ -323,7 +326,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as folder:
         settings.update(output_dir=folder, dataset_dir=os.path.join(folder, "data"))
-        runs = [("teacher", 0, ["train_teacher.yaml"], {})]
+        runs = [("teacher", 0, ["train_teacher.yaml"], {} if quick else {"max_epochs": ACCURACY_TEACHER_EPOCHS})]
         for seed in seeds:
             runs.append(("kd_student", seed, ["train_teacher.yaml", "distill.yaml"], {}))
             runs.append(("scratch_student", seed, ["train_teacher.yaml"], {"network_def": student_def}))
@@ -370,6 +373,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
         "spatial_size": size,
         "data": {key: settings[key] for key in ("n_samples", "split_fractions") if key in settings},
         "seeds": list(seeds),
+        "teacher_epochs": settings["max_epochs"] if quick else ACCURACY_TEACHER_EPOCHS,
         "rows": rows,
         "kd_at_least_scratch_seeds": f"{wins}/{len(seeds)}",
         "ratio_kd_minus_scratch_accuracy": kd["test_accuracy"] - scratch["test_accuracy"],
