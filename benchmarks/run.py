@@ -133,7 +133,7 @@ def distillation_step(quick: bool) -> dict[str, Any]:
             "attention": AttentionTransferLoss(
                 ["blocks.1", "blocks.2", "blocks.3"],
                 ["features.denseblock1", "features.denseblock2", "features.denseblock3"],
-                beta=100.0,
+                beta=1.0,
             ),
         }
     )

@@ -173,9 +173,8 @@ def part_3d(out: Path, quick: bool) -> dict[str, dict[str, list[float]]]:
     loss = DistillationLoss(
         {
             "logits": KnowledgeDistillationLoss(temperature=4.0, alpha=0.7),
-            "attention": AttentionTransferLoss(STUDENT_LEVELS, TEACHER_LEVELS, beta=100.0),
+            "attention": AttentionTransferLoss(STUDENT_LEVELS, TEACHER_LEVELS, beta=1.0),
         },
-        weights={"attention": 0.1},  # at β = 100 the raw attention term is tens of times the KD parts
     )
     parts = distil(student, teacher, loss, data["training"], epochs, ["task", "kd", "attention", "loss"])
     for epoch in range(epochs):

@@ -204,14 +204,17 @@ class AttentionTransferLoss(DistillationTerm):
         student_layers: module paths in the student.
         teacher_layers: module paths in the teacher, one per student layer.
         p: exponent of the attention map (2 in the paper).
-        beta: weight ``β`` (about 10³ in the paper).
+        beta: weight ``β``. Each pair's distance between unit-norm maps lies in [0, 2], so ``β = 1`` keeps
+            the term on the scale of the cross-entropy. (The paper's ``β ≈ 10³`` multiplies a mean of squared
+            differences over the map's elements, a far smaller number: used with this norm, such a ``β`` lets
+            the attention term swamp the task and KD terms.)
 
     Raises:
         ValueError: empty or unequal layer lists, ``p <= 0``.
     """
 
     def __init__(
-        self, student_layers: Sequence[str], teacher_layers: Sequence[str], p: float = 2.0, beta: float = 1000.0
+        self, student_layers: Sequence[str], teacher_layers: Sequence[str], p: float = 2.0, beta: float = 1.0
     ) -> None:
         super().__init__()
         if not student_layers or len(student_layers) != len(teacher_layers):
