@@ -315,6 +315,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
 
     settings = dict(QUICK_OVERRIDES) if quick else dict(ACCURACY_DATA)
     seeds = ACCURACY_SEEDS[:1] if quick else ACCURACY_SEEDS
+    teacher_epochs = settings["max_epochs"] if quick else ACCURACY_TEACHER_EPOCHS
     size = settings.get("spatial_size", 64)
     student_def = {
         "_target_": "monai_kdx.networks.ShallowCNN",
@@ -326,7 +327,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as folder:
         settings.update(output_dir=folder, dataset_dir=os.path.join(folder, "data"))
-        runs = [("teacher", 0, ["train_teacher.yaml"], {} if quick else {"max_epochs": ACCURACY_TEACHER_EPOCHS})]
+        runs = [("teacher", 0, ["train_teacher.yaml"], {"max_epochs": teacher_epochs})]
         for seed in seeds:
             runs.append(("kd_student", seed, ["train_teacher.yaml", "distill.yaml"], {}))
             runs.append(("scratch_student", seed, ["train_teacher.yaml"], {"network_def": student_def}))
@@ -336,8 +337,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
                 "brain_mri_3d",
                 configs,
                 ["train#trainer"],
-                **settings,
-                **extra,
+                **{**settings, **extra},  # a run's own values (the teacher's epochs) over the shared ones
                 ckpt_dir=ckpt_dir,
                 train_seed=seed,
                 run_name=f"train_{name}_{seed}",
@@ -373,7 +373,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
         "spatial_size": size,
         "data": {key: settings[key] for key in ("n_samples", "split_fractions") if key in settings},
         "seeds": list(seeds),
-        "teacher_epochs": settings["max_epochs"] if quick else ACCURACY_TEACHER_EPOCHS,
+        "teacher_epochs": teacher_epochs,
         "rows": rows,
         "kd_at_least_scratch_seeds": f"{wins}/{len(seeds)}",
         "ratio_kd_minus_scratch_accuracy": kd["test_accuracy"] - scratch["test_accuracy"],
