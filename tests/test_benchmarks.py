@@ -23,3 +23,23 @@ def test_runner_writes_json_with_ratios_and_rejects_unknown_names(tmp_path, subp
     assert abs(result["ratio_train_step_to_inference"] - ratio) < 1e-9
     bad = subprocess.run([sys.executable, runner, "nope"], capture_output=True, text=True, env=subprocess_env)
     assert bad.returncode == 2 and "nope" in bad.stderr and "import_time" in bad.stderr
+
+
+def test_distillation_accuracy_quick_runs_the_bundles_and_reports_both_checkpoints(tmp_path, subprocess_env):
+    runner = str(REPO / "benchmarks" / "run.py")
+    done = subprocess.run(
+        [sys.executable, runner, "distillation_accuracy", "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=subprocess_env, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "distillation_accuracy.json").read_text())
+    rows = result["rows"]
+    assert set(rows) == {"teacher", "kd_student", "scratch_student"}
+    for row in rows.values():  # each run tested on its best and on its final checkpoint
+        for key in ("test_accuracy_per_seed", "final_test_accuracy_per_seed"):
+            assert len(row[key]) == 1 and all(0.0 <= value <= 1.0 for value in row[key].values())
+        assert row["test_accuracy"] == next(iter(row["test_accuracy_per_seed"].values()))
+    assert rows["teacher"]["params"] > rows["kd_student"]["params"] == rows["scratch_student"]["params"]
+    difference = rows["kd_student"]["test_accuracy"] - rows["scratch_student"]["test_accuracy"]
+    assert abs(result["ratio_kd_minus_scratch_accuracy"] - difference) < 1e-9
+    assert result["teacher_epochs"] == 1 and result["seeds"] == [0]
