@@ -8,31 +8,31 @@ import sys
 
 from conftest import REPO
 
+RUNNER = str(REPO / "benchmarks" / "run.py")
 
-def test_runner_writes_json_with_ratios_and_rejects_unknown_names(tmp_path, subprocess_env):
-    runner = str(REPO / "benchmarks" / "run.py")
+
+def run_quick(name: str, out, env) -> dict:
+    """Run one benchmark with ``--quick`` in a subprocess; return the JSON it wrote to ``out``."""
     done = subprocess.run(
-        [sys.executable, runner, "teacher_throughput", "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=subprocess_env, timeout=300,
+        [sys.executable, RUNNER, name, "--quick", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "teacher_throughput.json").read_text())
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_runner_writes_json_with_ratios_and_rejects_unknown_names(tmp_path, subprocess_env):
+    result = run_quick("teacher_throughput", tmp_path, subprocess_env)
     assert result["benchmark"] == "teacher_throughput" and result["quick"] is True
     assert result["train_volumes_per_s"] > 0 and result["inference_volumes_per_s"] > 0
     ratio = result["inference_volumes_per_s"] / result["train_volumes_per_s"]
     assert abs(result["ratio_train_step_to_inference"] - ratio) < 1e-9
-    bad = subprocess.run([sys.executable, runner, "nope"], capture_output=True, text=True, env=subprocess_env)
+    bad = subprocess.run([sys.executable, RUNNER, "nope"], capture_output=True, text=True, env=subprocess_env)
     assert bad.returncode == 2 and "nope" in bad.stderr and "import_time" in bad.stderr
 
 
 def test_distillation_accuracy_quick_runs_the_bundles_and_reports_both_checkpoints(tmp_path, subprocess_env):
-    runner = str(REPO / "benchmarks" / "run.py")
-    done = subprocess.run(
-        [sys.executable, runner, "distillation_accuracy", "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=subprocess_env, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "distillation_accuracy.json").read_text())
+    result = run_quick("distillation_accuracy", tmp_path, subprocess_env)
     rows = result["rows"]
     assert set(rows) == {"teacher", "kd_student", "scratch_student"}
     for row in rows.values():  # each run tested on its best and on its final checkpoint
