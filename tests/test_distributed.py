@@ -261,3 +261,25 @@ def test_new_overrides_differ_only_by_bundle():
         brain = (REPO / "bundles" / "brain_mri_3d" / "configs" / name).read_text()
         chest = (REPO / "bundles" / "chest_xray_2d" / "configs" / name).read_text()
         assert brain.replace("brain_mri_3d", "chest_xray_2d") == chest, name
+
+
+@pytest.mark.parametrize("bundle", ["brain_mri_3d", "chest_xray_2d"])
+@pytest.mark.parametrize("stage", [None, "distill", "prune", "saliency_train"])
+def test_save_rank_weights_reads_the_command_lines_spelling(bundle, stage, tmp_path):
+    """``--save_rank_weights false`` arrives as the string ``"false"`` (fire parses only Python literals): it must
+    switch the rank files off, not on. The finalize step that makes their folder runs only when the flag is true,
+    in any spelling; the step that writes them has the same condition."""
+    from monai.bundle import ConfigParser
+
+    configs = REPO / "bundles" / bundle / "configs"
+    override = {None: "multi_gpu_train", "saliency_train": "multi_gpu_saliency"}.get(stage, f"multi_gpu_{stage}")
+    parser = ConfigParser()
+    parser.read_config([str(configs / f"{name}.yaml") for name in ("train_teacher", stage, override) if name])
+    steps = [step for step in parser["finalize"] if "save_rank_weights" in step]
+    assert len(steps) == 2 and steps[0].rsplit(" if ", 1)[1] == steps[1].rsplit(" if ", 1)[1]  # the same condition
+    for value, on in (("false", False), ("False", False), (False, False), ("0", False), ("true", True), (True, True)):
+        folder = tmp_path / f"runs_{value!s}_{type(value).__name__}"
+        parser.update({"output_dir": str(folder), "save_rank_weights": value})
+        parser.parse(reset=True)
+        assert parser.get_parsed_content("finalize#0") is None
+        assert folder.is_dir() is on, value
