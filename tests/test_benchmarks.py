@@ -44,3 +44,7 @@ def test_distillation_accuracy_quick_runs_the_bundles_and_reports_both_checkpoin
         difference = rows["kd_student"][key] - rows["scratch_student"][key]
         assert abs(result[f"ratio_kd_minus_scratch_{ratio}"] - difference) < 1e-9
     assert result["teacher_epochs"] == result["student_epochs"] == 1 and result["seeds"] == [0]
+    for ratio, method in (("explanation", "activation_maps"), ("gradcam", "gradcam_per_stage")):  # both kinds timed
+        teacher, student = rows["teacher"]["explanation_s"][method], rows["kd_student"]["explanation_s"][method]
+        assert min(teacher, student) > 0
+        assert abs(result[f"ratio_teacher_to_student_{ratio}_time"] - teacher / student) < 1e-9
