@@ -343,8 +343,8 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
 
     settings = dict(QUICK_OVERRIDES) if quick else dict(ACCURACY_DATA)
     seeds = ACCURACY_SEEDS[:1] if quick else ACCURACY_SEEDS
-    teacher_epochs = settings["max_epochs"] if quick else ACCURACY_TEACHER_EPOCHS
-    student_epochs = settings["max_epochs"] if quick else ACCURACY_STUDENT_EPOCHS
+    epochs = (settings["max_epochs"],) * 2 if quick else (ACCURACY_TEACHER_EPOCHS, ACCURACY_STUDENT_EPOCHS)
+    teacher_epochs, student_epochs = epochs
     size = settings.get("spatial_size", 64)
     student_def = {
         "_target_": "monai_kdx.networks.ShallowCNN",
@@ -358,9 +358,9 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
         settings.update(output_dir=folder, dataset_dir=os.path.join(folder, "data"))
         runs = [("teacher", 0, ["train_teacher.yaml"], {"max_epochs": teacher_epochs})]
         for seed in seeds:
-            runs.append(("kd_student", seed, ["train_teacher.yaml", "distill.yaml"], {"max_epochs": student_epochs}))
-            scratch = {"network_def": student_def, "max_epochs": student_epochs}
-            runs.append(("scratch_student", seed, ["train_teacher.yaml"], scratch))
+            student = {"max_epochs": student_epochs}
+            runs.append(("kd_student", seed, ["train_teacher.yaml", "distill.yaml"], student))
+            runs.append(("scratch_student", seed, ["train_teacher.yaml"], {**student, "network_def": student_def}))
         for name, seed, configs, extra in runs:
             ckpt_dir = os.path.join(folder, "models") if name == "teacher" else os.path.join(folder, f"{name}_{seed}")
             train = run_bundle(
