@@ -1,7 +1,7 @@
 """Named registries of pluggable methods.
 
-Every capability that offers a choice of method (dataset kinds, explainers, relevance methods,
-distillation losses, saliency losses) looks the method up by name in one of the registries below.
+Every capability that offers a choice of method (dataset kinds, network builders, explainers,
+relevance methods, distillation losses, saliency losses) looks the method up by name in one of the registries below.
 Built-in methods register themselves when their module is imported; the registry imports those
 modules lazily on the first lookup, so ``import monai_kdx.registry`` stays cheap.
 
@@ -36,6 +36,7 @@ __all__ = [
     "Registry",
     "REGISTRIES",
     "DATASETS",
+    "NETWORKS",
     "EXPLAINERS",
     "RELEVANCE_METHODS",
     "DISTILLATION_LOSSES",
@@ -139,6 +140,9 @@ class Registry:
 
 
 DATASETS = Registry("dataset", builtin_modules=("monai_kdx.data.synthetic",))
+NETWORKS = Registry("network", builtin_modules=("monai_kdx.networks.builders",))
+"""The allow-list of network builders that network specs read from files may name (see
+:mod:`monai_kdx.networks.builders`)."""
 EXPLAINERS = Registry("explainer", builtin_modules=("monai_kdx.explain.cam", "monai_kdx.explain.attribution"))
 RELEVANCE_METHODS = Registry("relevance method", builtin_modules=("monai_kdx.pruning.relevance",))
 DISTILLATION_LOSSES = Registry("distillation loss", builtin_modules=("monai_kdx.losses.distillation",))
@@ -146,6 +150,7 @@ SALIENCY_LOSSES = Registry("saliency loss", builtin_modules=("monai_kdx.losses.s
 
 REGISTRIES: dict[str, Registry] = {
     "datasets": DATASETS,
+    "networks": NETWORKS,
     "explainers": EXPLAINERS,
     "relevance_methods": RELEVANCE_METHODS,
     "distillation_losses": DISTILLATION_LOSSES,

@@ -368,7 +368,7 @@ def test_unet_with_residual_units_is_rejected():
 # ----------------------------------------------------------------------------------------------------------------------
 def test_save_and_load_in_a_fresh_process(tmp_path, subprocess_env):
     builder = {
-        "_target_": "monai_kdx.networks.densenet_student",
+        "network": "densenet_student",
         "spatial_dims": 3,
         "in_channels": 1,
         "out_channels": 2,

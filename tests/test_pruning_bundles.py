@@ -14,13 +14,13 @@ from monai_kdx.tracking import latest_run, run_summary
 
 _LOAD = """
 import json, sys, torch
-from monai_kdx.networks import count_parameters
+from monai_kdx.networks import count_parameters, network_spec
 from monai_kdx.pruning import load_pruned
 net = load_pruned(sys.argv[1]).eval()
 with torch.no_grad():
     out = net(torch.randn(1, 1, *[int(s) for s in sys.argv[2].split(",")]))
 print(json.dumps({"params": count_parameters(net), "out": list(out.shape), "type": type(net).__name__,
-                  "builder": getattr(net, "_monai_kdx_builder")}))
+                  "builder": network_spec(net)}))
 """
 
 
@@ -60,7 +60,7 @@ def test_brain_mri_3d_prune_teacher_then_evaluate_the_pruned_file(brain_teacher)
     loaded = _load_fresh(pruned_file, (32, 32, 32), env)
     assert loaded["type"] == "DenseNet121" and loaded["out"] == [1, 4]
     assert loaded["params"] == metrics["prune_params"]
-    assert loaded["builder"]["_target_"] == "monai.networks.nets.DenseNet121"
+    assert loaded["builder"]["network"] == "monai.networks.nets.DenseNet121"
 
     # evaluate.yaml scores the pruned file on the same test split: the same accuracy as the prune run's
     bundle_run(

@@ -87,7 +87,7 @@ def test_model_logger_writes_into_the_mlflow_handlers_run_and_registers(tmp_path
     summary = run_summary(uri, logger.logged.run_id)
     assert summary["run_name"] == "train" and summary["status"] == "FINISHED"
     assert "Loss" in summary["metrics"]  # the handler's own metric: the same run
-    assert {"model/MLmodel", "model/_pyfunc_classifier.py"} <= set(summary["artifacts"])
+    assert {"model/MLmodel", "model/data/network.pt"} <= set(summary["artifacts"])
     assert logger.logged.registry_uri == "models:/tiny/1"
 
     model = load_classifier(logger.logged.registry_uri, uri)
@@ -135,7 +135,7 @@ def test_pruned_model_registered_loads_without_pickles_and_predicts(tmp_path):
 
     artifacts = run_summary(uri, child)["artifacts"]
     assert "model/MLmodel" in artifacts
-    stored = next(a for a in artifacts if a.startswith("model/artifacts/"))
+    stored = next(a for a in artifacts if a.startswith("model/data/"))
     payload = torch.load(_download(uri, child, stored), weights_only=True)
     assert payload["format"].startswith("monai_kdx.pruned")  # tensors and plain data only
 

@@ -158,7 +158,7 @@ def part_3d(out: Path, quick: bool) -> None:
         print(f"  channel ranking agreement with lrp (mean Spearman over layers): {method} {rho:.2f}")
 
     # 2. prune half the channels: by LRP relevance (precomputed above) and by weight magnitude
-    builder = {"_target_": "monai_kdx.networks.ShallowCNN", "spatial_dims": 3, "in_channels": 1,
+    builder = {"network": "ShallowCNN", "spatial_dims": 3, "in_channels": 1,
                "out_channels": classes}  # fmt: skip
     pruned = {
         method: prune_by_relevance(network, data["calibration"], ratio=0.5, method=method,
@@ -183,7 +183,7 @@ def part_3d(out: Path, quick: bool) -> None:
     # 3. save without pickled modules, load back, compare outputs
     path = save_pruned(small, out / "pruned_lrp.pt", metadata={"ratio": 0.5, "method": "lrp"})
     payload = torch.load(path, weights_only=True)  # plain tensors and data: nothing is unpickled
-    print(f"saved {Path(path).name}: format {payload['format']!r}, builder {payload['builder']['_target_']}, "
+    print(f"saved {Path(path).name}: format {payload['format']!r}, network {payload['builder']['network']}, "
           f"{len(payload['modules'])} resized layers, metadata {payload['metadata']}")
     loaded = load_pruned(path).to(DEVICE).eval()
     small.eval()

@@ -66,7 +66,7 @@ def train(name: str, network, loader, uri: str, epochs: int, out: Path, register
         )
     ]
     if register:
-        builder = {"_target_": "monai_kdx.networks.ShallowCNN", "spatial_dims": 2, "in_channels": 1,
+        builder = {"network": "ShallowCNN", "spatial_dims": 2, "in_channels": 1,
                    "out_channels": 3, "channels": [8, 16, 32]}  # fmt: skip
         handlers.append(MLflowModelLogger(checkpoint, builder=builder, registered_model_name=register))
     trainer = SupervisedTrainer(

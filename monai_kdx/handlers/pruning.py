@@ -56,10 +56,9 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from monai_kdx.explain.base import restore_mode
-from monai_kdx.networks import count_macs, count_parameters, unwrap_network
-from monai_kdx.pruning import BUILDER_ATTRIBUTE, check_prunable, prune_by_relevance, resolve_relevance_method
+from monai_kdx.networks import check_network_spec, count_macs, count_parameters, network_spec, unwrap_network
+from monai_kdx.pruning import check_prunable, check_ratio, prune_by_relevance, resolve_relevance_method
 from monai_kdx.pruning.persistence import architecture_spec, save_pruned
-from monai_kdx.pruning.prune import _check_builder, _check_ratio
 from monai_kdx.pruning.relevance import _device_of, _label_indices, _plain, split_batch
 
 __all__ = ["RelevancePruningHandler"]
@@ -140,9 +139,10 @@ class RelevancePruningHandler:
             at most the trainer's ``max_epochs``. ``1`` prunes before any training: the whole run fine-tunes.
         method: relevance method registered in :data:`monai_kdx.registry.RELEVANCE_METHODS` (``"lrp"``,
             ``"ig"`` (integrated gradients), ``"taylor"``, ``"backtrace"``, ``"magnitude"``, ``"random"``).
-        builder: ``{"_target_": "dotted.path", **kwargs}`` that builds the unpruned architecture (plain data), for
-            :func:`~monai_kdx.pruning.save_pruned`; default: the one recorded on the network (networks from
-            :func:`~monai_kdx.pruning.load_pruned` carry it).
+        builder: the network spec (``{"network": <registered name>, **arguments}``) that builds the unpruned
+            architecture, for :func:`~monai_kdx.pruning.save_pruned`; default: the one recorded on the network
+            (networks from :func:`~monai_kdx.networks.build_network` and :func:`~monai_kdx.pruning.load_pruned`
+            carry it).
         ignored_layers: module paths never pruned (the classifier head never is).
         global_pruning: rank channels across layers instead of within each layer.
         max_batches: at most this many calibration batches per relevance collection (None: all).
@@ -222,7 +222,7 @@ class RelevancePruningHandler:
             ratios = ratios * len(epoch_list)
         if len(ratios) != len(epoch_list):
             raise ValueError(f"ratio has {len(ratios)} entries but epochs has {len(epoch_list)}: give one or as many.")
-        ratios = [_check_ratio(r) for r in ratios]
+        ratios = [check_ratio(r) for r in ratios]
         resolve_relevance_method(method)  # KeyError listing the registered methods
         if target not in ("label", "pred"):
             raise ValueError(f"target must be 'label' or 'pred', got {target!r}.")
@@ -247,7 +247,7 @@ class RelevancePruningHandler:
         self.accuracy_loader = accuracy_loader
         self.schedule = dict(zip((int(e) for e in epoch_list), ratios, strict=True))
         self.method = method
-        self.builder = _check_builder(builder)
+        self.builder = None if builder is None else check_network_spec(builder)
         self.ignored_layers = list(ignored_layers) if ignored_layers is not None else None
         self.global_pruning = bool(global_pruning)
         self.max_batches = max_batches
@@ -309,10 +309,10 @@ class RelevancePruningHandler:
         kept = math.prod(1.0 - r for r in self.schedule.values())
         # unsupported networks (layer named) and ratios that empty a layer, traced on a copy
         check_prunable(model, self._example, self.ignored_layers, None if self.global_pruning else 1.0 - kept)
-        if self.save_path is not None and self.builder is None and getattr(model, BUILDER_ATTRIBUTE, None) is None:
+        if self.save_path is not None and self.builder is None and network_spec(model) is None:
             raise ValueError(
-                "save_path needs builder={'_target_': 'dotted.path', **kwargs}: the call that builds the unpruned "
-                "network (save_pruned stores it instead of pickled modules)."
+                "save_path needs builder={'network': <registered name>, **arguments}: the spec that builds the "
+                "unpruned network (save_pruned stores it instead of pickled modules)."
             )
 
     # ------------------------------------------------------------------ measurements

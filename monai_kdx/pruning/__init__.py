@@ -5,7 +5,7 @@ Torch-Pruning's dependency graph, and pruned models saved without pickled module
 Example:
     >>> from monai_kdx.pruning import prune_by_relevance, save_pruned, load_pruned
     >>> small = prune_by_relevance(net, calibration_loader, ratio=0.5, method="lrp",
-    ...                            builder={"_target_": "monai.networks.nets.DenseNet121", "spatial_dims": 3,
+    ...                            builder={"network": "DenseNet121", "spatial_dims": 3,
     ...                                     "in_channels": 1, "out_channels": 2})
     >>> save_pruned(small, "pruned.pt")
     >>> same = load_pruned("pruned.pt")
@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 from .persistence import FORMAT, load_pruned, save_pruned
-from .prune import BUILDER_ATTRIBUTE, RelevanceImportance, check_prunable, find_head, prune_by_relevance
+from .prune import RelevanceImportance, check_prunable, check_ratio, find_head, prune_by_relevance
 from .relevance import (
     BacktraceRelevance,
     BatchRelevance,
@@ -37,6 +37,7 @@ __all__ = [
     "load_pruned",
     "RelevanceImportance",
     "check_prunable",
+    "check_ratio",
     "find_head",
     "prunable_layers",
     "split_batch",
@@ -49,6 +50,5 @@ __all__ = [
     "BacktraceRelevance",
     "MagnitudeRelevance",
     "RandomRelevance",
-    "BUILDER_ATTRIBUTE",
     "FORMAT",
 ]

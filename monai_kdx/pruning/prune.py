@@ -13,7 +13,6 @@ Pruning creates new parameters: build a new optimizer (and DDP wrapper) around t
 from __future__ import annotations
 
 import copy
-import json
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from monai_kdx.networks import unwrap_network
+from monai_kdx.networks import check_network_spec, set_network_spec, unwrap_network
 
 from .relevance import (
     _device_of,
@@ -35,10 +34,7 @@ from .relevance import (
     split_batch,
 )
 
-__all__ = ["RelevanceImportance", "check_prunable", "prune_by_relevance", "find_head", "BUILDER_ATTRIBUTE"]
-
-BUILDER_ATTRIBUTE = "_monai_kdx_builder"
-"""Attribute under which :func:`prune_by_relevance` records the ``builder`` spec on the pruned network."""
+__all__ = ["RelevanceImportance", "check_prunable", "check_ratio", "prune_by_relevance", "find_head"]
 
 
 class RelevanceImportance(tp.importance.Importance):
@@ -238,24 +234,18 @@ def _resolve_ignored(model: nn.Module, ignored_layers: Iterable[Any] | None) -> 
     return result
 
 
-def _check_ratio(ratio: Any, name: str = "ratio") -> float:
+def check_ratio(ratio: Any, name: str = "ratio") -> float:
+    """A pruning ratio (the fraction of channels removed) as a float in (0, 1), or an error naming ``name``.
+
+    Raises:
+        TypeError: not a real number.
+        ValueError: outside (0, 1).
+    """
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
         raise TypeError(f"{name} must be a float in (0, 1), got {type(ratio).__name__}.")
     if not 0.0 < float(ratio) < 1.0:
         raise ValueError(f"{name} must be in (0, 1) (the fraction of channels removed), got {ratio}.")
     return float(ratio)
-
-
-def _check_builder(builder: Any) -> dict[str, Any] | None:
-    if builder is None:
-        return None
-    if not isinstance(builder, Mapping) or not isinstance(builder.get("_target_"), str):
-        raise TypeError('builder must be a dict like {"_target_": "monai.networks.nets.DenseNet121", **kwargs}.')
-    try:
-        json.dumps(dict(builder))
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"builder arguments must be plain data (numbers, strings, lists, dicts): {error}") from error
-    return copy.deepcopy(dict(builder))
 
 
 def _groups(graph: Any, ignored: list[nn.Module]) -> list[Any]:
@@ -318,9 +308,9 @@ def check_prunable(
     """
     if ratio is not None:
         ratio = (
-            {str(k): _check_ratio(v, f"ratio[{k!r}]") for k, v in ratio.items()}
+            {str(k): check_ratio(v, f"ratio[{k!r}]") for k, v in ratio.items()}
             if isinstance(ratio, Mapping)
-            else _check_ratio(ratio)
+            else check_ratio(ratio)
         )
     model = copy.deepcopy(unwrap_network(network))
     example_inputs = _plain(example_inputs).to(_device_of(model))
@@ -378,8 +368,9 @@ def prune_by_relevance(
         target: explain the ``"label"`` (default) or the predicted class ``"pred"``.
         max_batches: use at most this many calibration batches per relevance collection.
         normalizer: per-layer normalization of relevance before ranking (see :class:`RelevanceImportance`).
-        builder: ``{"_target_": "dotted.path", **kwargs}`` that builds the unpruned architecture; recorded on the
-            pruned network for :func:`~monai_kdx.pruning.save_pruned`.
+        builder: the network spec (``{"network": <registered name>, **arguments}``) that builds the unpruned
+            architecture, recorded on the pruned network for :func:`~monai_kdx.pruning.save_pruned`; default: the
+            spec the network carries (networks from :func:`~monai_kdx.networks.build_network` do).
 
     Returns:
         The pruned network, in the same train/eval mode as ``network``; same output shape, fewer channels.
@@ -396,15 +387,15 @@ def prune_by_relevance(
     if isinstance(ratio, Mapping):
         if not ratio:
             raise ValueError("ratio mapping is empty.")
-        ratios = {str(path): _check_ratio(value, f"ratio[{path!r}]") for path, value in ratio.items()}
+        ratios = {str(path): check_ratio(value, f"ratio[{path!r}]") for path, value in ratio.items()}
     else:
-        ratios = _check_ratio(ratio)
+        ratios = check_ratio(ratio)
     if isinstance(iterative_steps, bool) or not isinstance(iterative_steps, int) or iterative_steps < 1:
         raise ValueError(f"iterative_steps must be an int >= 1, got {iterative_steps!r}.")
     if relevance is not None and iterative_steps > 1:
         raise ValueError("relevance= cannot be used with iterative_steps > 1: relevance is recomputed between steps.")
     scorer = resolve_relevance_method(method) if relevance is None else None  # KeyError lists the methods
-    builder_spec = _check_builder(builder)
+    builder_spec = None if builder is None else check_network_spec(builder)
     model = unwrap_network(network)
     if isinstance(ratios, Mapping):
         from monai_kdx.networks import resolve_module
@@ -473,7 +464,7 @@ def prune_by_relevance(
             pruner.step()
     _check_result(pruned, example_inputs, reference, head)
     if builder_spec is not None:
-        setattr(pruned, BUILDER_ATTRIBUTE, builder_spec)
+        set_network_spec(pruned, builder_spec)
     return pruned
 
 

@@ -1,9 +1,10 @@
 """Classifiers as MLflow models: logged into an existing run (e.g. the one MONAI's ``MLFlowHandler``
 writes to), registered in the Model Registry, and loaded back to predict.
 
-The model is an MLflow ``pyfunc`` "model from code" whose only artifact is a
-:func:`monai_kdx.pruning.save_pruned` file (builder spec + layer widths + weights): pruned and
-unpruned networks load back without unpickling any module. ``predict`` maps an array of shape
+The model is an MLflow ``pyfunc`` model with this package's loader module
+(:mod:`monai_kdx.tracking.pyfunc`) whose only data is a :func:`monai_kdx.pruning.save_pruned` file
+(network spec + layer widths + weights): pruned and unpruned networks load back without unpickling any
+module and without running code from the artifact store. ``predict`` maps an array of shape
 (N, C, *spatial) to class probabilities (N, K).
 """
 
@@ -11,17 +12,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-__all__ = ["LoggedModel", "log_classifier", "load_classifier", "PYFUNC_CODE"]
-
-PYFUNC_CODE = Path(__file__).with_name("_pyfunc_classifier.py")
-# predict takes arrays of any (N, C, *spatial) shape: MLflow's type-hint validation does not apply
-_TYPE_HINT_WARNING = ".*Add type hints to the `predict` method"
+__all__ = ["LoggedModel", "log_classifier", "load_classifier"]
 
 
 @dataclass(frozen=True)
@@ -49,11 +44,10 @@ def _client(client_or_uri: Any) -> Any:
 
 def _network_file(path: str, builder: Mapping[str, Any] | None, folder: str) -> str:
     """A ``save_pruned`` file for ``path``: the file itself when it is one, else the state-dict checkpoint
-    loaded into ``builder``'s network and saved in that format."""
+    loaded into the network ``builder`` specifies and saved in that format."""
     import torch
-    from monai.bundle import ConfigParser
 
-    from monai_kdx.networks import load_weights
+    from monai_kdx.networks import build_network, load_weights
     from monai_kdx.pruning.persistence import FORMAT, save_pruned
 
     if not os.path.isfile(path):
@@ -66,11 +60,12 @@ def _network_file(path: str, builder: Mapping[str, Any] | None, folder: str) -> 
         return path
     if builder is None:
         raise ValueError(
-            f"{path!r} is a state dict: pass builder={{'_target_': 'dotted.path', **kwargs}} to rebuild its network."
+            f"{path!r} is a state dict: pass builder={{'network': <registered name>, **arguments}} to rebuild its "
+            "network."
         )
-    network = ConfigParser({"net": dict(builder)}).get_parsed_content("net")
+    network = build_network(builder)
     load_weights(network, path)
-    return save_pruned(network.eval(), os.path.join(folder, "network.pt"), builder=dict(builder))
+    return save_pruned(network.eval(), os.path.join(folder, "network.pt"))
 
 
 def log_classifier(
@@ -89,7 +84,7 @@ def log_classifier(
         run_id: the run to log into (it need not be active).
         path: a :func:`~monai_kdx.pruning.save_pruned` file, or a state-dict checkpoint (``CheckpointSaver``)
             together with ``builder``.
-        builder: ``{"_target_": "dotted.path", **kwargs}`` that builds the network of a state-dict checkpoint.
+        builder: the network spec (``{"network": <registered name>, **arguments}``) of a state-dict checkpoint.
         artifact_path: the model's folder in the run's artifacts.
         registered_model_name: register the model under this name (a new version each call); ``None``: not
             registered.
@@ -107,6 +102,8 @@ def log_classifier(
 
     from monai_kdx.pruning import load_pruned
 
+    from .pyfunc import LOADER_MODULE
+
     client = _client(client_or_uri)
     path = os.fspath(path)
     with tempfile.TemporaryDirectory(prefix="monai_kdx_model_") as folder:
@@ -122,16 +119,14 @@ def log_classifier(
                 probabilities = torch.softmax(network(torch.from_numpy(example)), dim=1).numpy()
             signature = infer_signature(example, probabilities)
         local = os.path.join(folder, "model")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_TYPE_HINT_WARNING, category=UserWarning)
-            mlflow.pyfunc.save_model(
+        mlflow.pyfunc.save_model(
             local,
-                python_model=str(PYFUNC_CODE),
-                artifacts={"network": network_file},
-                signature=signature,
-                input_example=example,
-                pip_requirements=["monai_kdx", "torch", "monai", "numpy"],
-            )
+            loader_module=LOADER_MODULE,
+            data_path=network_file,
+            signature=signature,
+            input_example=example,
+            pip_requirements=["monai_kdx", "torch", "monai", "numpy"],
+        )
         client.log_artifacts(run_id, local, artifact_path)
     logged = LoggedModel(run_id, artifact_path, f"runs:/{run_id}/{artifact_path}")
     if registered_model_name is None:
@@ -150,20 +145,35 @@ def log_classifier(
 def load_classifier(model_uri: str, tracking_uri: str) -> Any:
     """Load a logged classifier (``runs:/…``, or ``models:/name/version`` from the registry) as an MLflow pyfunc model.
 
-    The artifacts are downloaded from ``tracking_uri`` (no global MLflow state is changed).
+    The artifacts are downloaded from ``tracking_uri`` into a temporary folder that is removed before returning (the
+    network is in memory by then); no global MLflow state is changed. Only models of this package's flavor are
+    loaded, and nothing from the artifact store is executed: the model's ``MLmodel`` must name
+    :mod:`monai_kdx.tracking.pyfunc` as its loader and carry no code, and the network is rebuilt through the
+    allow-listed network registry (:func:`monai_kdx.pruning.load_pruned`).
 
     Returns:
         An ``mlflow.pyfunc.PyFuncModel``; ``.predict(array (N, C, *spatial))`` gives probabilities (N, K).
+
+    Raises:
+        ValueError: the model is not a monai_kdx classifier (another loader, or code shipped with it).
     """
     import mlflow.artifacts
-    import mlflow.pyfunc
+    from mlflow.models import Model
+    from mlflow.pyfunc import FLAVOR_NAME, PyFuncModel
+
+    from . import pyfunc
 
     if model_uri.startswith("models:/"):  # resolved here: MLflow would ask the global registry URI
         name, _, version = model_uri[len("models:/") :].partition("/")
         model_uri = _client(tracking_uri).get_model_version_download_uri(name, version)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=model_uri, tracking_uri=tracking_uri, dst_path=tempfile.mkdtemp(prefix="monai_kdx_load_")
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_TYPE_HINT_WARNING, category=UserWarning)
-        return mlflow.pyfunc.load_model(local)
+    with tempfile.TemporaryDirectory(prefix="monai_kdx_load_") as folder:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri, dst_path=folder)
+        meta = Model.load(os.path.join(local, "MLmodel"))
+        conf = meta.flavors.get(FLAVOR_NAME) or {}
+        if conf.get("loader_module") != pyfunc.LOADER_MODULE or conf.get("code") or "data" not in conf:
+            raise ValueError(
+                f"{model_uri} is not a monai_kdx classifier (loader {conf.get('loader_module')!r}, code "
+                f"{conf.get('code')!r}); refusing to run code from the artifact store."
+            )
+        implementation = pyfunc._load_pyfunc(os.path.join(local, conf["data"]))
+        return PyFuncModel(model_meta=meta, model_impl=implementation)
