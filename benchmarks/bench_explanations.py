@@ -17,7 +17,8 @@ KINDS = {"chest-xray-2d": "2d", "brain-mri-3d": "3d"}
 def explanation_comparison(quick: bool) -> dict[str, Any]:
     """All methods against the random baseline on the bundles' teacher (trained briefly here; the quick run uses a
     small student), one torch thread so per-image times do not depend on what else the machine runs."""
-    from monai_kdx.explain.report import comparison_markdown, run_comparison, write_report
+    from monai_kdx.apps.compare_explanations import run_comparison
+    from monai_kdx.explain.comparison import comparison_markdown, write_report
 
     start = time.perf_counter()
     with one_torch_thread():

@@ -15,7 +15,9 @@ import statistics
 import time
 from typing import Any
 
-from common import benchmark, one_torch_thread, results_dir, timed
+from common import benchmark, one_torch_thread, results_dir
+
+from monai_kdx.networks import median_seconds
 
 METHODS = ["lrp", "ig", "taylor", "magnitude", "random"]  # ig: integrated gradients; taylor: gradient × activation
 
@@ -61,9 +63,9 @@ def pruning_latency(quick: bool) -> dict[str, Any]:
             for size in sizes:
                 image = torch.randn(1, 1, size, size, size)
                 with torch.no_grad():
-                    base = timed(lambda network=network, image=image: network(image), repeats)
-                    small = timed(lambda pruned=pruned, image=image: pruned(image), repeats)
-                    base = min(base, timed(lambda network=network, image=image: network(image), repeats))
+                    base = median_seconds(lambda network=network, image=image: network(image), repeats)
+                    small = median_seconds(lambda pruned=pruned, image=image: pruned(image), repeats)
+                    base = min(base, median_seconds(lambda network=network, image=image: network(image), repeats))
                 macs, macs_pruned = count_macs(network, (1,) + (size,) * 3), count_macs(pruned, (1,) + (size,) * 3)
                 row[f"{size}"] = {"unpruned_s": base, "pruned_s": small, "macs": macs, "macs_pruned": macs_pruned}
                 result[f"ratio_latency_{name}_{size}"] = small / base

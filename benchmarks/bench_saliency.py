@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import benchmark, results_dir, timed
+from common import benchmark, results_dir
+
+from monai_kdx.networks import median_seconds
 
 BUNDLES = {"chest_xray_2d": 2, "brain_mri_3d": 3}
 CLASSES = {"chest_xray_2d": 3, "brain_mri_3d": 4}
@@ -194,7 +196,7 @@ def saliency_step(quick: bool) -> dict[str, Any]:
             decollate=False,
         )
         trainer.run()  # attach-time checks and the first iteration
-        seconds[name] = timed(lambda trainer=trainer: _fire_iteration(trainer, data), repeats)
+        seconds[name] = median_seconds(lambda trainer=trainer: _fire_iteration(trainer, data), repeats)
     return {
         "input": [batch, 1, size, size, size],
         "network": "ShallowCNN(3, 1, 4)",

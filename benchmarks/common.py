@@ -1,11 +1,10 @@
-"""What every benchmark module shares: the registry of benchmarks, the results folder, a timer."""
+"""What every benchmark module shares: the registry of benchmarks, the results folder, one torch thread (the timer
+is :func:`monai_kdx.networks.median_seconds`)."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,17 +30,6 @@ def benchmark(func: Callable[[bool], dict[str, Any]]) -> Callable[[bool], dict[s
     """Register ``func(quick) -> dict`` under its name; its dict is written as JSON (keys ``ratio*`` printed)."""
     BENCHMARKS[func.__name__] = func
     return func
-
-
-def timed(step: Callable[[], Any], repeats: int) -> float:
-    """Median seconds of ``step`` over ``repeats`` calls after one warm-up call."""
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @contextlib.contextmanager

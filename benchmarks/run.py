@@ -28,7 +28,9 @@ from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from common import BENCHMARKS, RESULTS, benchmark, load_capability_benchmarks, one_torch_thread, set_results_dir, timed
+from common import BENCHMARKS, RESULTS, benchmark, load_capability_benchmarks, one_torch_thread, set_results_dir
+
+from monai_kdx.networks import median_seconds
 
 
 def _import_seconds(module: str, repeats: int) -> float:
@@ -195,7 +197,7 @@ def _explanation_seconds(network: Any, image: Any, repeats: int) -> dict[str, fl
         "gradcam_per_stage": lambda: explainer.cam(image),
     }
     with one_torch_thread():
-        return {name: timed(call, repeats) for name, call in calls.items()}
+        return {name: median_seconds(call, repeats) for name, call in calls.items()}
 
 
 def _explanation_ratios(teacher: dict[str, float], student: dict[str, float]) -> dict[str, float]:
@@ -299,7 +301,7 @@ def cam_speed(quick: bool) -> dict[str, Any]:
     forward + one backward to the shallowest level), on a 3D DenseNet121 with a 1×1×96³ input."""
     size, repeats = (32, 2) if quick else (96, 3)
     _, _, layers, make = _cam_setup(size)
-    seconds = {method: timed(make(method), repeats) for method in CAM_METHODS}
+    seconds = {method: median_seconds(make(method), repeats) for method in CAM_METHODS}
     return {
         "network": "monai DenseNet121(spatial_dims=3, in_channels=1, out_channels=2)",
         "input": [1, 1, size, size, size],
@@ -390,7 +392,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
                 network = _teacher_and_student()[0 if name == "teacher" else 1]
                 load_weights(network, checkpoint).eval()
                 with torch.no_grad(), one_torch_thread():
-                    row["inference_s"] = timed(lambda network=network: network(image), 5)
+                    row["inference_s"] = median_seconds(lambda network=network: network(image), 5)
                 row["params"] = count_parameters(network)
                 row["macs"] = count_macs(network, (1, size, size, size))
                 row["explanation_s"] = _explanation_seconds(network, image, 3)

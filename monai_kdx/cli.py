@@ -150,8 +150,9 @@ def _parse_checkpoints(values: Sequence[str] | None, kinds: Sequence[str]) -> di
 
 
 def _compare_explanations(args: argparse.Namespace) -> int:
+    from monai_kdx.apps.compare_explanations import run_comparison
     from monai_kdx.data.synthetic import get_generator
-    from monai_kdx.explain.report import check_methods, comparison_markdown, run_comparison, write_report
+    from monai_kdx.explain.comparison import check_methods, comparison_markdown, write_report
 
     kinds = list(dict.fromkeys(args.kind or ["chest-xray-2d", "brain-mri-3d"]))
     for kind in kinds:

@@ -14,7 +14,8 @@ from torch import nn
 
 from monai_kdx.explain.attribution import LRPAttribution, OcclusionAttribution
 from monai_kdx.explain.base import Explainer, build_explainer, explain
-from monai_kdx.explain.lrp import find_batchnorm_pairs, make_composite
+from monai_kdx.explain.lrp import make_composite
+from monai_kdx.networks import trace_network
 from monai_kdx.registry import EXPLAINERS
 
 METHODS = {
@@ -418,7 +419,7 @@ def test_lrp_resnet_residuals_split_relevance(dims: int) -> None:
 def test_lrp_densenet_batchnorm_pairs_and_conservation_3d() -> None:
     net = randomize_batchnorms(densenet(3)).eval()
     x = inputs(3, channels=1, size=32)
-    pairs = find_batchnorm_pairs(net, x)
+    pairs = trace_network(net, x).batchnorm_pairs()
     merged = {bn for _, bn in pairs}
     assert len(pairs) == 1 + 6 + 12 + 24 + 16  # conv0→norm0 and every dense layer's conv1→norm2
     assert all(bn == "features.norm0" or bn.endswith("layers.norm2") for bn in merged)  # never a pre-activation BN

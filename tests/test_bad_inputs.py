@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,147 @@ def test_load_classifier_runs_no_code_from_the_artifact_store_and_leaves_no_fold
     with torch.no_grad():
         expected = torch.softmax(network(torch.from_numpy(x)), 1).numpy()
     np.testing.assert_allclose(model.predict(x), expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- class targets
+@pytest.mark.parametrize(
+    ("target", "error", "words"),
+    [
+        (1.7, ValueError, "target entry 0 is 1.7, not a whole-number class index"),
+        (torch.tensor([0.0, 2.6]), ValueError, "entry 1 is 2.6, not a whole-number"),
+        (True, TypeError, "must be integer class indices"),
+        ("1", TypeError, "must be integer class indices"),
+        (3, ValueError, "entry 0 is class 3, out of range for a network with 3 classes"),
+        (torch.tensor([[0, 1, 0], [1, 0, 0]]), ValueError, "looks one-hot"),
+        (torch.tensor([0, 1, 2]), ValueError, "3 entries for a batch of 2"),
+    ],
+)
+def test_explanation_targets_are_checked_not_truncated(target, error, words):
+    from monai_kdx.explain import HierarchicalCAM
+
+    network = build_network(SHALLOW)
+    with pytest.raises(error, match=words):
+        HierarchicalCAM(network).cam(torch.randn(2, 1, 16, 16), target)
+
+
+def test_fractional_labels_are_refused_by_relevance_and_metrics():
+    from monai_kdx.pruning import collect_relevance
+
+    network = build_network(SHALLOW)
+    batches = [{"image": torch.randn(2, 1, 16, 16), "label": torch.tensor([0.0, 2.6])}]
+    with pytest.raises(ValueError, match="label entry 1 is 2.6, not a whole-number class index"):
+        collect_relevance(network, batches, "taylor")
+    batches = [{"image": torch.randn(2, 1, 16, 16), "label": torch.tensor([[0.2, 0.8, 0.0], [1.0, 0.0, 0.0]])}]
+    with pytest.raises(ValueError, match=r"label row 0 \(\[0.2.*is not one-hot"):
+        collect_relevance(network, batches, "taylor")
+    whole = [{"image": torch.randn(2, 1, 16, 16), "label": torch.tensor([0.0, 2.0])}]  # labels read as floats
+    relevance = collect_relevance(network, whole, "taylor")
+    assert relevance and all(torch.isfinite(value).all() and value.sum() > 0 for value in relevance.values())
+
+
+# ------------------------------------------------------------------------------------------ network inputs
+@pytest.mark.parametrize(
+    ("inputs", "error", "words"),
+    [
+        (torch.randn(2, 3, 16, 16), ValueError, r"inputs of shape \(2, 3, 16, 16\) have 3 channel\(s\) but ShallowCNN "
+         "expects 1"),
+        (torch.randn(2, 1, 16, 16, dtype=torch.float64), TypeError, "inputs are torch.float64 but the weights of "
+         "ShallowCNN are torch.float32"),
+        (torch.zeros(2, 1, 16, 16, dtype=torch.int64), TypeError, "must be a floating-point tensor, got Tensor of "
+         "torch.int64"),
+        (torch.randn(2, 1, 8, 8, 8), ValueError, "have 3 spatial dimensions but ShallowCNN uses 2D convolutions"),
+    ],
+)
+def test_explainers_name_a_wrong_channel_count_dtype_or_dimensionality(inputs, error, words):
+    from monai_kdx.explain import build_explainer
+
+    for method in ("gradcam", "integrated_gradients", "lrp"):
+        with pytest.raises(error, match=words):
+            build_explainer(method, build_network(SHALLOW)).attribute(inputs, 0)
+
+
+def test_2d_calibration_data_for_a_3d_network_names_the_data_not_the_network():
+    network = build_network({**SHALLOW, "spatial_dims": 3})
+    batches = [(torch.randn(2, 1, 16, 16), torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match="calibration images of shape .* have 2 spatial dimensions but ShallowCNN "
+                       "uses 3D convolutions"):
+        prune_by_relevance(network, batches, ratio=0.5, method="taylor")
+
+
+# ------------------------------------------------------------------------------------------------- datalists
+@pytest.fixture(scope="module")
+def small_datalist(tmp_path_factory):
+    from monai_kdx.data import write_dataset
+
+    folder = tmp_path_factory.mktemp("data")
+    return write_dataset(folder, kind="chest-xray-2d", n=12, seed=0, spatial_size=32)
+
+
+def _edited(datalist, tmp_path, edit):
+    import json
+
+    content = json.loads(Path(datalist).read_text())
+    edit(content)
+    target = tmp_path / "datalist.json"  # paths stay relative to the data folder
+    for section in ("training", "validation", "test"):
+        for entry in content.get(section, []):
+            for key in ("image", "mask", "gaze", "anatomy", "marker"):
+                if isinstance(entry.get(key), str):
+                    entry[key] = os.path.join(os.path.dirname(datalist), entry[key])
+    target.write_text(json.dumps(content))
+    return target
+
+
+def test_a_good_datalist_is_summarized(small_datalist):
+    from monai_kdx.data import check_datalist
+
+    summary = check_datalist(small_datalist, num_classes=3, spatial_dims=2)
+    assert summary.num_classes == 3 and summary.spatial_dims == 2 and summary.in_channels == 1
+    assert summary.spatial_shapes == [(32, 32)] and {"mask", "gaze"} <= set(summary.keys)
+    assert sum(summary.counts.values()) == 12
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda c: c["training"][0].update(label=2.6), r"training entry 0 \(.*\): label 2.6 is not a non-negative"),
+        (lambda c: c["training"][1].update(label="nodule"), r"training entry 1 .*label 'nodule' is not an integer"),
+        (lambda c: c["training"][0].update(label=7), "label 7 is outside the 3 classes 0..2"),
+        (lambda c: c["validation"].clear(), "the 'validation' section is missing or empty"),
+        (lambda c: c["training"][0].update(image="nowhere.nii.gz"), r"training entry 0 \(.*nowhere.nii.gz\): the "
+         "image .*does not exist"),
+        (lambda c: c["test"][0].update(mask=c["test"][1]["image"].replace("images", "gaze") + "x"), "the mask"),
+        (lambda c: [e.update(label=0) for e in c["training"] if e["label"] == 2], r"no sample of class\(es\) \[2\]"),
+    ],
+)
+def test_bad_datalist_entries_are_named_in_one_line(small_datalist, tmp_path, edit, words):
+    from monai_kdx.data import DatalistError, check_datalist
+
+    with pytest.raises(DatalistError, match=words):
+        check_datalist(_edited(small_datalist, tmp_path, edit), num_classes=3, spatial_dims=2)
+
+
+def test_truncated_and_misshaped_files_are_named(small_datalist, tmp_path):
+    import nibabel as nib
+
+    from monai_kdx.data import DatalistError, check_datalist
+
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(Path(_first(small_datalist, "image")).read_bytes()[:200])
+    with pytest.raises(DatalistError, match=r"truncated.nii.gz.*cannot be read"):
+        check_datalist(_edited(small_datalist, tmp_path, lambda c: c["training"][0].update(image=str(truncated))))
+    volume = tmp_path / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.float32), np.eye(4)), volume)
+    with pytest.raises(DatalistError, match=r"spatial shape \(32, 32, 32\), 3 dimension\(s\); expected 2D images"):
+        check_datalist(_edited(small_datalist, tmp_path, lambda c: c["test"][0].update(image=str(volume))),
+                       spatial_dims=2)  # fmt: skip
+    small = tmp_path / "small_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16), np.uint8), np.eye(4)), small)
+    with pytest.raises(DatalistError, match=r"the mask .* has spatial shape \(16, 16\), the image \(32, 32\)"):
+        check_datalist(_edited(small_datalist, tmp_path, lambda c: c["training"][2].update(mask=str(small))))
+
+
+def _first(datalist, key):
+    from monai_kdx.data import load_datalist
+
+    return load_datalist(datalist, "training")[0][key]

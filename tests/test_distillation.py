@@ -269,3 +269,85 @@ def test_explanation_term_errors():
     with pytest.raises(ValueError, match="no autograd graph"):
         ExplanationDistillationLoss(["2"], ["2"]).from_outputs(_outputs(student, x, ["2"]), detached, torch.tensor([0]))
     assert DISTILLATION_LOSSES.get("explanation") is ExplanationDistillationLoss
+
+
+# ---------------------------------------------------------------- issue 14: one-hot labels, invalid arguments
+
+
+def test_one_hot_labels_are_refused_at_the_call():
+    """One-hot (B, C) labels failed deep in cross_entropy ('Expected input batch_size (4) to match target
+    batch_size (12)'): they are refused with the expected shape; (B,) and (B, 1) class indices give the same loss."""
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    labels = torch.tensor([0, 1, 2, 1])
+    one_hot = F.one_hot(labels, 3)
+    kd = KnowledgeDistillationLoss(2.0, 0.5)
+    expected = r"target of shape \(4, 3\) looks one-hot; expected class indices of shape \(B,\) or \(B, 1\)"
+    for bad in (one_hot, one_hot.float()):
+        with pytest.raises(ValueError, match=expected):
+            kd(s, t, bad)
+        with pytest.raises(ValueError, match=expected):
+            DistillationLoss({"logits": kd})({"logits": s}, {"logits": t}, bad)
+    assert kd(s, t, labels.view(4, 1)).item() == kd(s, t, labels).item()
+    assert kd(s, t, labels.double()).item() == kd(s, t, labels).item()  # whole-number floats (NIfTI metadata)
+    with pytest.raises(ValueError, match="target entry 1 is class 3, out of range"):
+        kd(s, t, torch.tensor([0, 3, 1, 1]))
+    with pytest.raises(ValueError, match="target has 3 entries for a batch of 4"):
+        kd(s, t, labels[:3])
+    # a term without labels still works without them
+    attention = DistillationLoss({"attention": AttentionTransferLoss(["s"], ["t"])})
+    maps = {"logits": s, "s": torch.rand(4, 2, 3, 3)}, {"logits": t, "t": torch.rand(4, 2, 3, 3)}
+    assert torch.isfinite(attention(*maps, None)["total"])
+
+
+def test_one_hot_labels_stop_the_distillation_trainer_before_any_step():
+    torch.manual_seed(0)
+    teacher, student = _net(2, 8), _net(2, 4)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    data = [{"image": torch.randn(2, 1, 6, 6), "label": F.one_hot(torch.tensor([0, 2]), 3)}]
+    trainer = DistillationTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=data,
+        network=student,
+        teacher_network=teacher,
+        loss_function=DistillationLoss({"logits": KnowledgeDistillationLoss()}),
+        optimizer=torch.optim.SGD(student.parameters(), lr=1.0),
+        decollate=False,
+    )
+    with pytest.raises(ValueError, match=r"looks one-hot; expected class indices of shape \(B,\) or \(B, 1\)"):
+        trainer.run()
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+BAD_ARGUMENTS = [  # (factory, argument, bad values, the bound named in the message)
+    pytest.param(
+        lambda v: KnowledgeDistillationLoss(temperature=v), "temperature", [0, -1.0, float("inf"), "4"], "> 0"
+    ),
+    pytest.param(lambda v: KnowledgeDistillationLoss(alpha=v), "alpha", [float("nan"), -0.5, 1.5], ""),
+    pytest.param(
+        lambda v: AttentionTransferLoss(["a"], ["b"], beta=v), "beta", [-1.0, float("nan"), float("inf")], ">="
+    ),
+    pytest.param(lambda v: AttentionTransferLoss(["a"], ["b"], p=v), "p", [0.0, float("inf"), float("nan")], "> 0"),
+    pytest.param(
+        lambda v: DistillationLoss(
+            {"logits": "kd", "attention": AttentionTransferLoss(["a"], ["b"])}, {"attention": v}
+        ),
+        r"weights\['attention'\]",
+        [-0.5, float("nan"), float("inf"), "0.5"],
+        ">= 0",
+    ),
+    pytest.param(lambda v: FeatureHintLoss("a", "b", v, 8, 2), "student_channels", [0, 2.5, True], "positive integer"),
+    pytest.param(lambda v: FeatureHintLoss("a", v, 4, 8, 2), "teacher_layer", ["", None], "module paths"),
+    pytest.param(lambda v: AttentionTransferLoss(v, ["b"]), "student_layers", ["blocks.2"], "list of module paths"),
+    pytest.param(lambda v: ExplanationDistillationLoss(["a"], v), "teacher_layers", ["features", [""]], "module paths"),
+]
+
+
+@pytest.mark.parametrize(("factory", "argument", "values", "bound"), BAD_ARGUMENTS)
+def test_invalid_term_arguments_are_refused_at_construction(factory, argument, values, bound):
+    """A negative or NaN weight (DistillationLoss weights and beta were taken as given), an infinite temperature or
+    exponent, a layer list written as one string (read as one path per character): refused, naming the argument."""
+    for value in values:
+        with pytest.raises(ValueError, match=rf"^{argument} must .*{bound}"):
+            factory(value)

@@ -11,18 +11,17 @@ import pytest
 import torch
 from torch import nn
 
+from monai_kdx.apps.compare_explanations import network_spec_for, run_comparison
 from monai_kdx.cli import main
-from monai_kdx.explain.report import (
+from monai_kdx.explain.comparison import (
     METRICS,
     RANDOM_BASELINE,
     ExplainerComparison,
     compare_explainers,
     comparison_markdown,
-    run_comparison,
-    teacher_network,
     write_report,
 )
-from monai_kdx.networks import ShallowCNN
+from monai_kdx.networks import ShallowCNN, build_network
 from monai_kdx.registry import EXPLAINERS
 
 # cheap settings of the costly methods, so every registered method runs in seconds
@@ -210,7 +209,8 @@ class CountingNetwork(ShallowCNN):
         ({"masks": torch.ones(2, 1, 16, 16)}, r"expected \(2, 1, 32, 32\)"),
         ({"masks": torch.zeros(2, 1, 32, 32)}, "every mask is empty"),
         ({"masks": torch.full((2, 1, 32, 32), 0.5)}, "binary"),
-        ({"labels": torch.tensor([0, 1, 2])}, "labels must be 2"),
+        ({"labels": torch.tensor([0, 1, 2])}, "labels has 3 entries for a batch of 2"),
+        ({"labels": torch.tensor([0.0, 1.7])}, "labels entry 1 is 1.7, not a whole-number class index"),
         ({"labels": torch.tensor([0, 7])}, "out of range"),
         ({"images": torch.zeros(2, 1, 8, 8, 8)}, "spatial dimensions"),
     ],
@@ -242,7 +242,7 @@ def test_masks_without_channel_axis_are_accepted():
 def test_run_comparison_explains_a_bundle_checkpoint(tmp_path):
     path = tmp_path / "model.pt"
     torch.manual_seed(0)
-    torch.save({"model": teacher_network("chest-xray-2d").state_dict()}, path)
+    torch.save({"model": build_network(network_spec_for("teacher", 2, 3)).state_dict()}, path)
     comparison = run_comparison("chest-xray-2d", quick=True, checkpoint=path, methods=["gradcam"], progress=False)
     assert comparison.name == "chest-xray-2d"
     assert "DenseNet121" in comparison.details["network"] and str(path) in comparison.details["weights"]

@@ -94,3 +94,24 @@ def test_explanation_figure_one_png_per_image(tmp_path, spatial_dims):
     assert len(fig.axes) == rows * columns
     with pytest.raises(ValueError, match="has shape"):
         explanation_figure(image[0, 0].numpy(), {"bad": np.zeros([8] * spatial_dims)})
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_faithfulness_transform_scores_the_map_and_a_random_map_beside_it(spatial_dims):
+    from monai_kdx.metrics import deletion_auc
+    from monai_kdx.transforms.explanation import ExplanationFaithfulnessd
+
+    torch.manual_seed(0)
+    network = ShallowCNN(spatial_dims, 1, 3, channels=(4, 8)).eval()
+    image = torch.randn(1, *[16] * spatial_dims)
+    cam = torch.rand(1, *[16] * spatial_dims)
+    transform = ExplanationFaithfulnessd("cam", network, steps=4, baseline="road", random_map=True, seed=1)
+    out = transform({"image": image, "cam": cam, "label": 2.0})
+    assert {"cam_deletion_auc", "cam_insertion_auc", "cam_random_deletion_auc", "cam_random_insertion_auc"} <= set(out)
+    expected = deletion_auc(network, image[None], cam[None], 2, steps=4, baseline="road", seed=1)[0]
+    torch.testing.assert_close(out["cam_deletion_auc"], expected)
+    assert not torch.equal(out["cam_deletion_auc"], out["cam_random_deletion_auc"])
+    with pytest.raises(ValueError, match="baseline must be a number or one of"):
+        ExplanationFaithfulnessd("cam", network, baseline="grey")
+    with pytest.raises(ValueError, match="not a whole-number class index"):
+        transform({"image": image, "cam": cam, "label": 1.5})

@@ -108,9 +108,10 @@ def test_relevance_rank_accuracy_by_hand():
     attribution = torch.arange(16.0).view(1, 1, 4, 4)  # top-3 positions: flat 15, 14, 13
     mask = mask_at((4, 4), (3, 3), (3, 1), (0, 0))  # flat 15, 13, 0 -> K = 3, hits 15 and 13
     assert relevance_rank_accuracy(attribution, mask).item() == pytest.approx(2 / 3)
-    # ties rank by flat index: a constant map selects flat 0, 1, 2 -> mask {0, 1, 5} has 2 hits
-    constant = torch.ones(1, 1, 4, 4)
-    assert relevance_rank_accuracy(constant, mask_at((4, 4), (0, 0), (0, 1), (1, 1))).item() == pytest.approx(2 / 3)
+    # ties rank by flat index: the top-3 of [5, 5, 5, 5, 1, 1, ...] are flat 0, 1, 2 -> mask {0, 1, 5} has 2 hits
+    tied = torch.ones(1, 1, 4, 4)
+    tied.view(-1)[:4] = 5.0
+    assert relevance_rank_accuracy(tied, mask_at((4, 4), (0, 0), (0, 1), (1, 1))).item() == pytest.approx(2 / 3)
     # negative relevance ranks lowest: -arange has its top-3 at flat 0, 1, 2
     assert relevance_rank_accuracy(-attribution, mask_at((4, 4), (0, 0), (0, 1), (0, 2))).item() == 1.0
 
@@ -281,12 +282,14 @@ def test_faithfulness_errors():
     image, attribution = torch.rand(2, 1, 3, 3), torch.rand(2, 1, 3, 3)
     with pytest.raises(ValueError, match=r"target class indices \[0, 2\] out of range for a network with 2 outputs"):
         deletion_auc(network, image, attribution, torch.tensor([0, 2]))
-    with pytest.raises(ValueError, match="must be >= 0"):
+    with pytest.raises(ValueError, match="target entry 0 is class -1, out of range"):
         deletion_auc(network, image, attribution, -1)
-    with pytest.raises(ValueError, match="integer class indices"):
-        deletion_auc(network, image, attribution, torch.tensor([0.0, 1.0]))
-    with pytest.raises(ValueError, match=r"target must be an int or have shape \(2,\)"):
+    with pytest.raises(ValueError, match="target entry 1 is 1.5, not a whole-number class index"):
+        deletion_auc(network, image, attribution, torch.tensor([0.0, 1.5]))
+    with pytest.raises(ValueError, match="target has 3 entries for a batch of 2"):
         deletion_auc(network, image, attribution, [0, 1, 1])
+    with pytest.raises(ValueError, match=r"baseline must be a number, a tensor or one of \('blur', 'noise', 'road'\)"):
+        deletion_auc(network, image, attribution, 0, baseline="gray")
     for steps in (0, -3, 2.5):
         with pytest.raises(ValueError, match="steps must be an integer >= 1"):
             deletion_auc(network, image, attribution, 0, steps=steps)
@@ -477,3 +480,126 @@ def test_pointing_game_metric_passes_tolerance():
     metric(attribution, mask_at((4, 4), (2, 2)))
     metric(attribution, mask_at((4, 4), (3, 3)))
     assert metric.aggregate().item() == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- issue 14: half precision and constant maps
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_localization_by_hand(dtype):
+    """A constant 8.0 attribution over a 32³ volume: its positive relevance (262144) overflows float16, so the
+    relevance mass was 0 or NaN; it is the mask's share of the voxels, 1/4. Results are float32."""
+    attribution = torch.full((1, 1, 32, 32, 32), 8.0, dtype=dtype)
+    mask = torch.zeros(1, 1, 32, 32, 32, dtype=dtype)
+    mask[..., :8] = 1  # 8 of 32 slices
+    value = relevance_mass(attribution, mask)
+    assert value.dtype == torch.float32 and value.item() == 0.25
+    # rank accuracy 2/3 (see test_relevance_rank_accuracy_by_hand): exact in float32, not rounded to 0.6665
+    tied = torch.ones(1, 1, 4, 4)
+    tied.view(-1)[:4] = 5.0
+    value = relevance_rank_accuracy(tied.to(dtype), mask_at((4, 4), (0, 0), (0, 1), (1, 1)).to(dtype))
+    assert value.dtype == torch.float32 and value.item() == pytest.approx(2 / 3, abs=1e-7)
+    assert pointing_game(tied.to(dtype), mask_at((4, 4), (0, 0)).to(dtype)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("method", ["cc", "rank", "iou_top"])
+def test_half_precision_agreement_by_hand(method, dtype):
+    """A 64x64 map agrees perfectly with itself by every method: 1.0 (float16 gave 0 for cc, whose sums of squares
+    overflow, and NaN for rank, whose ranks reach 4095)."""
+    a = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    value = explanation_agreement(a, a.clone(), method)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_iou_top_of_constant_maps_is_zero():
+    """Two all-zero maps have no top region to agree on: 0, as the correlations give for a constant map (it was
+    1.0: both "top regions" were the first k positions by index)."""
+    zeros, ramp = torch.zeros(2, 1, 4, 4), torch.arange(32.0).view(2, 1, 4, 4)
+    for method in ("cc", "rank", "iou_top"):
+        assert explanation_agreement(zeros, zeros, method).tolist() == [0.0, 0.0]
+        assert explanation_agreement(torch.full_like(ramp, 3.0), ramp, method).tolist() == [0.0, 0.0]
+    assert explanation_agreement(ramp, ramp, "iou_top").tolist() == [1.0, 1.0]
+
+
+def test_constant_attribution_neither_points_nor_ranks():
+    """An all-zero (or constant) attribution used to 'hit' whenever the mask covered the first positions in
+    row-major order (pointing game 1, rank accuracy 2/3 here); it localizes nothing: 0."""
+    masks = torch.cat([mask_at((4, 4), (0, 0), (0, 1), (1, 1)), mask_at((4, 4), (0, 0))])
+    for constant in (0.0, 1.0):
+        attribution = torch.full((2, 1, 4, 4), constant)
+        assert pointing_game(attribution, masks).tolist() == [0.0, 0.0]
+        assert pointing_game(attribution, masks, tolerance=1).tolist() == [0.0, 0.0]
+        assert relevance_rank_accuracy(attribution, masks).tolist() == [0.0, 0.0]
+    # the relevance mass of a positive constant is the mask's share of the positions (3/16, 1/16), 0 for zeros
+    torch.testing.assert_close(relevance_mass(torch.ones(2, 1, 4, 4), masks), torch.tensor([3 / 16, 1 / 16]))
+    assert relevance_mass(torch.zeros(2, 1, 4, 4), masks).tolist() == [0.0, 0.0]
+
+
+def test_half_precision_logits_give_float32_curves_by_hand():
+    """A network returning float16 logits (as under autocast): the curve is the float32 softmax, exact to 1e-7
+    (float16 probabilities were rounded to 3 digits and the area summed in float16)."""
+    weight = torch.tensor([[2.0, 1.0], [0.0, 0.0]])
+    network = LinearScore(weight)
+    half = nn.Sequential(network, HalfOutput())
+    image, perfect = torch.ones(1, 1, 2, 2), weight[None, None]
+    curve = perturbation_curve(half, image, perfect, 0, mode="deletion", steps=4)
+    assert curve.dtype == torch.float32
+    torch.testing.assert_close(curve, torch.tensor([[sigmoid(3), sigmoid(1), 0.5, 0.5, 0.5]]), rtol=0, atol=1e-7)
+    trapezoid = 0.25 * (sigmoid(3) / 2 + sigmoid(1) + 0.5 + 0.5 + 0.5 / 2)
+    assert deletion_auc(half, image, perfect, 0, steps=4).item() == pytest.approx(trapezoid, abs=1e-7)
+
+
+class HalfOutput(nn.Module):
+    """Casts the logits to float16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.half()
+
+
+def test_sanity_check_with_float16_maps_matches_the_same_maps_in_float32():
+    """Maps returned in float16 are ranked in float32: the Spearman similarities equal those of the same (rounded)
+    maps given as float32 (ranks of 1024 pixels overflowed float16 and gave NaN)."""
+    network = tiny_cnn()
+    image = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 2])
+    half = randomization_sanity_check(network, lambda n, x, t: input_gradient(n, x, t).half(), image, target)
+    single = randomization_sanity_check(network, lambda n, x, t: input_gradient(n, x, t).half().float(), image, target)
+    for layer in single.layers:
+        assert torch.isfinite(half.similarity[layer]).all()
+        torch.testing.assert_close(half.similarity[layer], single.similarity[layer], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_road_imputes_removed_positions_from_the_kept_ones(dims):
+    from monai_kdx.metrics.faithfulness import _road_imputation
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.full((1, 1, *[8] * dims), 3.0)
+    image[(0, 0, *[slice(0, 1)] * dims)] = 3.0
+    keep = torch.rand((1, 1, *[8] * dims), generator=generator) > 0.7
+    imputed = _road_imputation(image, keep, generator)
+    torch.testing.assert_close(imputed, image)  # a constant image: no position reveals what was removed
+    ramp = torch.linspace(0, 1, 8).view(1, 1, 8, *[1] * (dims - 1)).expand(1, 1, *[8] * dims).contiguous()
+    hole = torch.ones_like(keep)
+    hole[(0, 0, slice(3, 5))] = False
+    filled = _road_imputation(ramp, hole, generator)
+    assert torch.equal(filled[hole], ramp[hole])
+    assert (filled[~hole] - ramp[~hole]).abs().max() < 0.1  # the hole is filled from its neighbours
+
+
+def test_named_baselines_are_deterministic_and_keep_the_image_statistics():
+    network = LinearScore(torch.randn(12, 12) / 12)
+    torch.manual_seed(0)
+    image, attribution = torch.rand(2, 1, 12, 12) * 4 + 2, torch.rand(2, 1, 12, 12)
+    for baseline in ("blur", "noise", "road"):
+        first = deletion_auc(network, image, attribution, 0, baseline=baseline, seed=3)
+        assert torch.equal(first, deletion_auc(network, image, attribution, 0, baseline=baseline, seed=3))
+        assert first.shape == (2,) and torch.isfinite(first).all()
+    from monai_kdx.metrics.faithfulness import _check_baseline
+
+    noise = _check_baseline("noise", image, seed=0)
+    assert abs(float(noise.mean() - image.mean())) < 0.3 and abs(float(noise.std() / image.std()) - 1) < 0.3
+    blurred = _check_baseline("blur", image, seed=0)
+    assert float(blurred.std()) < float(image.std()) and abs(float(blurred.mean() - image.mean())) < 0.1

@@ -320,3 +320,66 @@ def test_metric_class_accepts_decollated_lists_and_reductions():
     assert not_nans.shape == (3, 1)
     with pytest.raises(ValueError, match="needs y"):
         SaliencyCCMetric()(saliency)
+
+
+# ---------------------------------------------------------------- issue 14: half precision, empty references, eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("metric", ALL_METRICS, ids=lambda f: f.__name__)
+def test_half_precision_maps_are_computed_in_float32(metric, dtype):
+    """A 32³ volume's sums overflow float16 (max 65504: KL, SIM and CC gave 0) and bfloat16 keeps three digits
+    (NSS was off by 10x): every metric of half-precision maps now equals the float64 reference on the same
+    (rounded) values, and returns float32."""
+    generator = torch.Generator().manual_seed(7)
+    shape = (2, 1, 32, 32, 32)
+    saliency = (torch.rand(shape, generator=generator) * 8).to(dtype)
+    target = (torch.rand(shape, generator=generator) * 8).to(dtype)
+    fixations = (torch.rand(shape, generator=generator) > 0.99).to(dtype)
+    reference_map = fixations if metric in FIXATION_METRICS else target
+    values = metric(saliency, reference_map)
+    assert values.dtype == torch.float32
+    expected = [
+        REFERENCES[metric](s.double().numpy(), r.double().numpy()) for s, r in zip(saliency, reference_map, strict=True)
+    ]
+    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_float16_identical_maps_by_hand():
+    """A 64x64 float16 map compared with itself: CC = 1 and SIM = 1 (CC gave 0: the product of the two sums of
+    squares, about 1.2e5, overflows float16)."""
+    saliency = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(8)).half()
+    assert saliency_cc(saliency, saliency).item() == pytest.approx(1.0, abs=1e-6)
+    assert saliency_sim(saliency, saliency).item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize(("metric_class", "function"), METRIC_CLASSES, ids=lambda x: x.__name__)
+def test_metric_classes_skip_samples_with_an_all_zero_reference(metric_class, function):
+    """An all-zero target (or fixation) map has nothing to compare with: the cumulative metric gives NaN for that
+    sample, so MONAI's mean is over the other samples and ``not_nans`` counts them (it averaged in 0, or 0.5 for
+    AUC-Judd, before)."""
+    saliency, target, fixations = random_inputs((5, 6), batch=3, seed=12)
+    reference_map = (fixations if function in FIXATION_METRICS else target).clone()
+    reference_map[1] = 0
+    metric = metric_class(get_not_nans=True)
+    metric(saliency, reference_map)
+    value, not_nans = metric.aggregate()
+    valid = function(saliency, reference_map)[[0, 2]]  # the functional form still gives 0 (0.5) for sample 1
+    assert value.item() == pytest.approx(valid.mean().item(), rel=1e-6)
+    assert not_nans.item() == 2
+    per_sample = metric.get_buffer().flatten()
+    assert torch.isnan(per_sample[1]) and torch.isfinite(per_sample[[0, 2]]).all()
+    # a batch of one empty map: nothing to average, MONAI reports 0 over 0 non-NaN values
+    metric = metric_class(get_not_nans=True)
+    metric(saliency[1:2], reference_map[1:2])
+    assert metric.aggregate()[1].item() == 0
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-7, float("nan"), float("inf"), "1e-7"])
+def test_kl_refuses_an_eps_that_is_not_positive(eps):
+    """eps = 0 takes log(0) where the saliency is 0; a negative eps gives NaN: refused, naming the argument."""
+    saliency, target = torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        saliency_kl(saliency, target, eps=eps)
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        SaliencyKLMetric(eps=eps)

@@ -228,6 +228,25 @@ def test_backtrace_conserves_through_residual_block():
         assert signed[path].sum().item() == pytest.approx(2.0, abs=1e-3), path
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_lrp_relevance_is_conserved_across_monai_resnet_residual_blocks(dims):
+    """Pruning relevance runs on the explanations' LRP backend, with its residual canonizer: relevance is split
+    between a block's branch and its shortcut instead of copied to both (before: 7x the logit at the stem)."""
+    from monai.networks.nets import resnet10
+
+    torch.manual_seed(0)
+    network = resnet10(spatial_dims=dims, n_input_channels=1, num_classes=3).eval()
+    loader = _loader((3, 1, *[16] * dims), batches=1)
+    conserving = LRPRelevance(composite_kwargs={"zero_bias": True}, absolute=False)
+    exact = collect_relevance(network, loader, method=conserving)
+    assert exact["conv1"].sum().item() == pytest.approx(3.0, rel=1e-3)  # the stem carries each sample's unit
+    for layer in ("layer2", "layer3", "layer4"):  # branch + shortcut of a downsampling block = the whole relevance
+        total = exact[f"{layer}.0.conv2"].sum() + exact[f"{layer}.0.downsample.0"].sum()
+        assert total.item() == pytest.approx(3.0, rel=1e-3), layer
+    default = collect_relevance(network, loader, method=LRPRelevance(absolute=False))
+    assert 0 < default["conv1"].sum().item() < 3.0 + 1e-3  # biases absorb some, nothing is copied
+
+
 def test_ig_is_layer_conductance_of_captum():
     from captum.attr import LayerConductance
 

@@ -80,7 +80,7 @@ def test_2d_prunes_at_the_configured_epoch_rebuilds_optimizer_and_keeps_training
                                       save_path=str(tmp_path / "pruned.pt"))  # fmt: skip
     evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=network)
     explicit = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=network)
-    handler.evaluators = [explicit]
+    handler.evaluators = [evaluator, explicit]  # every evaluator sharing the network is listed
     trainer, optimizer = _trainer(
         network, loader, handlers=[handler, ValidationHandler(1, evaluator, epoch_level=True)], scheduler=True
     )
@@ -111,7 +111,7 @@ def test_2d_prunes_at_the_configured_epoch_rebuilds_optimizer_and_keeps_training
     assert set(optimizer.state) <= set(pruned.parameters())  # no state of removed parameters left
     # the LR scheduler keeps driving the same optimizer: 0.01 → 0.005 → 0.0025
     assert [seen[e][2] for e in (1, 2, 3)] == pytest.approx([0.01, 0.005, 0.0025])
-    # evaluators (found behind the ValidationHandler, and passed explicitly) follow the pruned network
+    # the listed evaluators (the one behind the ValidationHandler too) follow the pruned network
     assert evaluator.network is pruned and explicit.network is pruned
     # training continues on the pruned network: its weights change, the loss varies
     after = pruned.state_dict()

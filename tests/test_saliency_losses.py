@@ -3,6 +3,8 @@ weights (checked against finite differences), bad input, registry; 2D and 3D."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -257,3 +259,79 @@ def test_finite_under_bfloat16_autocast():
         value = loss.from_context(loss.context(net, x, y, g))
     value.backward()
     assert torch.isfinite(value) and all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------- issue 14: NaN images, invalid constructor arguments
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("name", ["align-kl", "align-input-gradient", "rrr", "gain"])
+def test_nan_image_is_refused_before_a_finite_loss_with_nan_gradients(dims, name):
+    """One NaN pixel: the Grad-CAM alignment loss was finite (0.19) while every weight gradient was NaN, so a
+    training step silently destroyed the model. Every saliency loss now refuses the image, naming the sample."""
+    torch.manual_seed(0)
+    net = SmoothNet(dims).double()
+    loss = _losses("feat")[name]
+    x, y, g = _batch(dims)
+    x[1].view(-1)[5] = float("nan")
+    with pytest.raises(ValueError, match=r"inputs has NaN or infinite values \(samples \[1\]\)"):
+        loss.context(net, x, y, g)
+    clean = loss.context(net, x.nan_to_num(), y, g)
+    with pytest.raises(ValueError, match=r"inputs has NaN or infinite values \(samples \[1\]\)"):
+        loss.from_context(SaliencyContext(net, x, clean.logits, clean.features, y, g))
+    x[1] = x[1].nan_to_num(posinf=0.0)
+    x[2].view(-1)[0] = float("inf")
+    with pytest.raises(ValueError, match=r"inputs has NaN or infinite values \(samples \[2\]\)"):
+        loss.context(net, x, y, g)
+
+
+BAD_ARGUMENTS = [  # (factory, argument, bad values, the bound named in the message)
+    pytest.param(
+        lambda v: SaliencyAlignmentLoss("feat", weight=v),
+        "weight",
+        [-1.0, float("nan"), float("inf"), "1", True],
+        ">=",
+        id="alignment-weight",
+    ),
+    pytest.param(
+        lambda v: SaliencyAlignmentLoss("feat", eps=v),
+        "eps",
+        [0.0, -1e-7, float("nan"), float("inf")],
+        "> 0",
+        id="alignment-eps",
+    ),
+    pytest.param(
+        lambda v: RightForTheRightReasonsLoss(weight=v),
+        "weight",
+        [-10.0, float("nan"), float("inf")],
+        ">= 0",
+        id="rrr-weight",
+    ),
+    pytest.param(
+        lambda v: GAINLoss("feat", mining_weight=v), "mining_weight", [-1.0, float("nan")], ">= 0", id="gain-mining"
+    ),
+    pytest.param(
+        lambda v: GAINLoss("feat", pixel_weight=v), "pixel_weight", [-1.0, float("inf")], ">= 0", id="gain-pixel"
+    ),
+    pytest.param(lambda v: GAINLoss("feat", sigma=v), "sigma", [float("nan"), -0.1, 1.5], "", id="gain-sigma"),
+    pytest.param(
+        lambda v: GAINLoss("feat", omega=v), "omega", [0.0, -10.0, float("nan"), float("inf")], "> 0", id="gain-omega"
+    ),
+    pytest.param(
+        lambda v: saliency_divergence(torch.rand(1, 1, 4, 4), torch.rand(1, 1, 4, 4), eps=v),
+        "eps",
+        [0.0, -1.0],
+        "> 0",
+        id="divergence-eps",
+    ),
+]
+
+
+@pytest.mark.parametrize(("factory", "argument", "values", "bound"), BAD_ARGUMENTS)
+def test_invalid_loss_arguments_are_refused_at_construction(factory, argument, values, bound):
+    """A NaN weight makes every loss NaN, a negative one maximizes the divergence, eps <= 0 takes log(0), an
+    infinite omega gives NaN at sigma: each is refused with one line naming the argument (eps, omega, sigma and
+    string or boolean weights were accepted before)."""
+    for value in values:
+        with pytest.raises(ValueError, match=rf"^{argument} must be .*{re.escape(bound)}.*got"):
+            factory(value)

@@ -240,3 +240,98 @@ def test_start_epoch_trains_on_the_task_loss_alone_before_it():
     assert second and loss2 > ce2 + 1e-3  # epoch 2: cross-entropy + saliency
     with pytest.raises(ValueError, match="start_epoch"):
         SaliencyGuidance(SaliencyAlignmentLoss("blocks.1"), start_epoch=0)
+
+
+# ---------------------------------------------------------------- issue 14: NaN batches stop training, named
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_nan_image_or_target_map_stops_saliency_training_before_the_step(spatial_dims):
+    """A NaN pixel gave a finite saliency loss with NaN gradients and training went on; now the iteration raises
+    before the backward pass, naming the batch key and the sample, and the weights are untouched."""
+    network = _net(spatial_dims)
+    before = [p.clone() for p in network.parameters()]
+    batch = _batch(spatial_dims)
+    batch["image"].view(3, -1)[1, 7] = float("nan")
+    guidance = SaliencyGuidance(SaliencyAlignmentLoss("blocks.1"), target_key="gaze")
+    trainer = _trainer(network, [batch], lr=1.0, handlers=[guidance])
+    with pytest.raises(ValueError, match=r"batch\['image'\] has NaN or infinite values \(samples \[1\]\)"):
+        trainer.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, network.parameters(), strict=True))
+    assert not guidance.holds_tensors
+    batch = _batch(spatial_dims)
+    batch["gaze"].view(3, -1)[0, 3] = float("inf")
+    trainer = _trainer(network, [batch], lr=1.0, handlers=[SaliencyGuidance(SaliencyAlignmentLoss("blocks.1"))])
+    with pytest.raises(ValueError, match=r"batch\['gaze'\] contains NaN or infinite values \(samples \[0\]\)"):
+        trainer.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, network.parameters(), strict=True))
+
+
+def _files_loader(spatial_dims: int, nan_case: int):
+    """A MONAI DataLoader over 4 MetaTensor images named case_0..case_3 (batches of 2), one of them holding a NaN."""
+    from monai.data import DataLoader, MetaTensor
+
+    generator = torch.Generator().manual_seed(0)
+    items = []
+    for index in range(4):
+        image = torch.randn(1, *[8] * spatial_dims, generator=generator)
+        if index == nan_case:
+            image.view(-1)[5] = float("nan")
+        items.append({"image": MetaTensor(image, meta={"filename_or_obj": f"case_{index}.nii.gz"}), "label": index % 3})
+    return DataLoader(items, batch_size=2, shuffle=False)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("decollate", [True, False])
+def test_finite_guard_names_epoch_iteration_and_files_of_a_nan_batch(spatial_dims, decollate):
+    """A real SupervisedTrainer on a batch holding a NaN: the loss is NaN and, without a guard, training goes on
+    (the weights become NaN); FiniteGuard raises at the end of that iteration, naming it and the files."""
+    from monai_kdx.handlers import FiniteGuard
+
+    network = _net(spatial_dims)
+    trainer = _trainer(network, _files_loader(spatial_dims, nan_case=2), lr=0.1, max_epochs=2)
+    trainer.run()  # without the guard: no error, a NaN loss and NaN weights
+    assert not all(torch.isfinite(p).all() for p in network.parameters())
+
+    network = _net(spatial_dims)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=2,
+        train_data_loader=_files_loader(spatial_dims, nan_case=2),
+        network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.0),
+        loss_function=torch.nn.CrossEntropyLoss(),
+        train_handlers=[FiniteGuard()],
+        decollate=decollate,
+    )
+    expected = (
+        r"non-finite training output at epoch 1, iteration 2 \(overall iteration 2\): loss=nan\. "
+        r"Images with NaN or infinite values: \['case_2\.nii\.gz'\]\. "
+        r"Files of the batch: \['case_2\.nii\.gz', 'case_3\.nii\.gz'\]\."
+    )
+    with pytest.raises(FloatingPointError, match=expected):
+        trainer.run()
+    assert trainer.state.iteration == 2  # the first, finite batch passed
+
+
+def test_finite_guard_checks_every_scalar_output_and_plain_engines():
+    """Any scalar entry (a distillation or saliency part, not only the loss) is checked; a batch without MONAI
+    metadata is said to carry no file names; a plain ignite engine returning a float works too."""
+    from ignite.engine import Engine
+    from monai.bundle import ConfigParser
+
+    from monai_kdx.handlers import FiniteGuard
+
+    outputs = iter([{"loss": torch.tensor(1.0), "kd": torch.tensor(0.5)}, {"loss": 1.0, "kd": float("inf")}])
+    engine = Engine(lambda engine, batch: next(outputs))
+    guard = ConfigParser({"guard": {"_target_": "monai_kdx.handlers.FiniteGuard"}}).get_parsed_content("guard")
+    guard.attach(engine)
+    message = r"epoch 1, iteration 2 \(overall iteration 2\): kd=inf\. The batch carries no file names"
+    with pytest.raises(FloatingPointError, match=message):
+        engine.run([{"image": torch.zeros(1)}] * 3)
+    engine = Engine(lambda engine, batch: float("nan") if engine.state.iteration == 5 else 0.1)
+    FiniteGuard().attach(engine)
+    with pytest.raises(FloatingPointError, match=r"epoch 2, iteration 2 \(overall iteration 5\): output=nan"):
+        engine.run([0, 1, 2], max_epochs=3)
+    with pytest.raises(ValueError, match="image_key must be a non-empty string"):
+        FiniteGuard(image_key="")

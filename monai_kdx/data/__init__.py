@@ -15,6 +15,7 @@ Heavy dependencies (torch, nilearn, pydicom, scikit-image) are imported only whe
 
 from __future__ import annotations
 
+from monai_kdx.data.checks import DatalistError, DatalistSummary, check_datalist, read_image_shape
 from monai_kdx.data.gaze import fixations_to_binary_map, fixations_to_heatmap, simulate_fixations
 from monai_kdx.data.io import DatasetExistsError, ensure_dataset, load_datalist, write_dataset
 from monai_kdx.data.synthetic import (
@@ -48,6 +49,10 @@ __all__ = [
     "write_dataset",
     "ensure_dataset",
     "load_datalist",
+    "check_datalist",
+    "read_image_shape",
+    "DatalistError",
+    "DatalistSummary",
     "DatasetExistsError",
     "fixations_to_heatmap",
     "fixations_to_binary_map",

@@ -13,10 +13,10 @@ from .attribution import (
     SaliencyAttribution,
     SmoothGradAttribution,
 )
-from .base import Explainer, build_explainer, check_inputs, explain, resolve_targets, restore_mode
+from .base import Explainer, build_explainer, check_inputs, check_target_range, explain
 from .cam import CAM_MODES, CAMResult, HierarchicalCAM, cam_from_features, fuse_maps, stage_layers
 from .concepts import TCAV, TCAVResult, concept_patches, fit_cav
-from .lrp import LRP_COMPOSITES, find_batchnorm_pairs, make_composite, monai_resnet_canonizer
+from .lrp import LRP_COMPOSITES, lrp_composite, make_composite, residual_canonizer
 from .zennit_backend import import_zennit
 
 __all__ = [
@@ -28,9 +28,9 @@ __all__ = [
     "OcclusionAttribution",
     "SaliencyAttribution",
     "SmoothGradAttribution",
-    "find_batchnorm_pairs",
     "make_composite",
-    "monai_resnet_canonizer",
+    "lrp_composite",
+    "residual_canonizer",
     "TCAV",
     "TCAVResult",
     "concept_patches",
@@ -42,13 +42,12 @@ __all__ = [
     "build_explainer",
     "cam_from_features",
     "check_inputs",
+    "check_target_range",
     "conv_layer_paths",
     "explain",
     "fuse_maps",
     "hierarchical_activation_maps",
     "import_zennit",
     "minmax_normalize",
-    "resolve_targets",
-    "restore_mode",
     "stage_layers",
 ]

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monai_kdx.networks import num_classes_of
+from monai_kdx.networks import Target, as_plain_tensor, num_classes_of, resolve_targets, restore_mode
 from monai_kdx.registry import EXPLAINERS
 
-from .base import Explainer, Target, resolve_targets, restore_mode
-from .lrp import LRP_COMPOSITES, find_batchnorm_pairs, make_composite, monai_resnet_canonizer
+from .base import Explainer
+from .lrp import LRP_COMPOSITES, lrp_composite
 
 __all__ = [
     "AttributionExplainer",
@@ -50,12 +50,6 @@ __all__ = [
     "SaliencyAttribution",
     "SmoothGradAttribution",
 ]
-
-
-def _plain(inputs: torch.Tensor) -> torch.Tensor:
-    """A plain, detached ``torch.Tensor`` (a MONAI ``MetaTensor`` loses its metadata, which is not needed here)."""
-    inputs = inputs.detach()
-    return inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -178,7 +172,7 @@ class IntegratedGradientsAttribution(AttributionExplainer):
     def _compute(self, inputs: torch.Tensor, target: Target) -> torch.Tensor:
         from captum.attr import IntegratedGradients
 
-        x = _plain(inputs)
+        x = as_plain_tensor(inputs.detach())
         base = _broadcast_baseline(self.baseline, x)
         targets = self._targets(x, target)
         method = IntegratedGradients(self.network)
@@ -212,7 +206,7 @@ class SaliencyAttribution(AttributionExplainer):
         self.absolute = bool(absolute)
 
     def _compute(self, inputs: torch.Tensor, target: Target) -> torch.Tensor:
-        x = _plain(inputs).requires_grad_(True)
+        x = as_plain_tensor(inputs.detach()).requires_grad_(True)
         with torch.enable_grad():
             logits = self.network(x)
             targets = resolve_targets(target, logits)
@@ -249,7 +243,7 @@ class _NoisyAttribution(AttributionExplainer):
         return self.stdevs * (span if span > 0 else 1.0)
 
     def _compute(self, inputs: torch.Tensor, target: Target) -> torch.Tensor:
-        x = _plain(inputs)
+        x = as_plain_tensor(inputs.detach())
         targets = self._targets(x, target)
         maps = []
         for i in range(x.shape[0]):
@@ -508,7 +502,7 @@ class OcclusionAttribution(AttributionExplainer):
 
     @torch.no_grad()
     def _compute(self, inputs: torch.Tensor, target: Target, roi: Any = None) -> torch.Tensor:
-        x = _plain(inputs)
+        x = as_plain_tensor(inputs.detach())
         batch, channels, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
         patches, grid = self._patches(spatial)  # raises on a too large window before any forward pass
         mask = self._roi_mask(self.roi if roi is None else roi, x)
@@ -629,27 +623,24 @@ class LRPAttribution(AttributionExplainer):
 
     def _compute(self, inputs: torch.Tensor, target: Target) -> torch.Tensor:
         keep = self.create_graph and inputs.requires_grad
-        x = inputs if keep else _plain(inputs).requires_grad_(True)
-        canonizers = []
-        if self.merge_batchnorm:
-            pairs = find_batchnorm_pairs(self.network, x)
-            if pairs:
-                canonizers.append(_named_merge(pairs))
-        canonizers += [monai_resnet_canonizer(), *self.canonizers]
+        x = inputs if keep else as_plain_tensor(inputs.detach()).requires_grad_(True)
         low, high = self.low, self.high
         if self.composite == "epsilon_gamma_box":
             dims = tuple(range(1, x.ndim))
             low = x.detach().amin(dim=dims, keepdim=True) if low is None else low
             high = x.detach().amax(dim=dims, keepdim=True) if high is None else high
-        composite = make_composite(
+        composite = lrp_composite(
+            self.network,
+            x,
             self.composite,
+            merge_batchnorm=self.merge_batchnorm,
+            canonizers=self.canonizers,
             epsilon=self.epsilon,
             gamma=self.gamma,
             stabilizer=self.stabilizer,
             zero_bias=self.zero_bias,
             low=low,
             high=high,
-            canonizers=canonizers,
         )
         try:
             composite.register(self.network)
@@ -662,9 +653,3 @@ class LRPAttribution(AttributionExplainer):
         finally:
             composite.remove()
         return relevance if self.create_graph else relevance.detach()
-
-
-def _named_merge(pairs: list[tuple[tuple[str], str]]) -> Any:
-    from .zennit_backend import import_zennit
-
-    return import_zennit().canonizers.NamedMergeBatchNorm(pairs)

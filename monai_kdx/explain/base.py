@@ -1,5 +1,6 @@
-"""What every explainer shares: one ``attribute(inputs, target)`` verb, input checks before any work,
-per-sample targets, and a network whose train/eval mode is restored afterwards.
+"""What every explainer shares: one ``attribute(inputs, target)`` verb and input checks before any work (targets
+are resolved per sample by :func:`monai_kdx.networks.resolve_targets`; modes restored by
+:func:`monai_kdx.networks.restore_mode`).
 
 Explainers (CAM modes, pixel attribution, third-party methods) are registered in
 :data:`monai_kdx.registry.EXPLAINERS` and built by name with :func:`build_explainer`.
@@ -7,109 +8,33 @@ Explainers (CAM modes, pixel attribution, third-party methods) are registered in
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from monai_kdx.networks import num_classes_of, spatial_dims_of, unwrap_network
+from monai_kdx.networks import Target, check_network_input, class_indices, num_classes_of
 
-__all__ = [
-    "Explainer",
-    "Target",
-    "build_explainer",
-    "check_inputs",
-    "check_target_range",
-    "explain",
-    "resolve_targets",
-    "restore_mode",
-]
-
-Target = int | torch.Tensor | None
+__all__ = ["Explainer", "build_explainer", "check_inputs", "check_target_range", "explain"]
 
 
 def check_inputs(network: nn.Module, inputs: torch.Tensor) -> None:
-    """Raise a clear error when ``inputs`` cannot be explained by ``network``.
+    """Raise a clear error when ``inputs`` cannot be explained by ``network`` (dtype, dimensionality, channels,
+    emptiness, NaN; see :func:`monai_kdx.networks.check_network_input`).
 
     Args:
         network: a classifier (2D or 3D convolutions).
         inputs: (B, C, H, W) or (B, C, H, W, D).
-
-    Raises:
-        TypeError: ``inputs`` is not a floating-point tensor.
-        ValueError: ``inputs`` is empty, its spatial dimensionality differs from the network's,
-            or it holds NaN or infinite values.
     """
-    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
-        raise TypeError(f"inputs must be a floating-point tensor, got {type(inputs).__name__}.")
-    dims = spatial_dims_of(network)
-    if dims is not None and inputs.ndim != dims + 2:
-        raise ValueError(
-            f"inputs of shape {tuple(inputs.shape)} have {inputs.ndim - 2} spatial dimensions but "
-            f"{type(unwrap_network(network)).__name__} uses {dims}D convolutions: expected "
-            f"(B, C, {', '.join('HWD'[:dims])})."
-        )
-    if inputs.numel() == 0:
-        raise ValueError(f"inputs of shape {tuple(inputs.shape)} are empty.")
-    if not torch.isfinite(inputs).all():
-        raise ValueError("inputs contain NaN or infinite values.")
-
-
-def resolve_targets(target: Target, logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample class indices: ``None`` → each sample's own argmax, an int → the same class for all,
-    a tensor of B ints → one class per sample.
-
-    Args:
-        target: see above.
-        logits: (B, num_classes) network output.
-
-    Returns:
-        (B,) long tensor on ``logits.device``.
-
-    Raises:
-        ValueError: a class index out of range, or a target tensor of the wrong length.
-    """
-    batch, num_classes = logits.shape[0], logits.shape[-1]
-    if target is None:
-        return logits.detach().argmax(dim=-1)
-    targets = torch.as_tensor(target, device=logits.device).long().reshape(-1)
-    if targets.numel() == 1:
-        targets = targets.expand(batch)
-    if targets.numel() != batch:
-        raise ValueError(f"target has {targets.numel()} entries for a batch of {batch}.")
-    if ((targets < 0) | (targets >= num_classes)).any():
-        raise ValueError(f"class index {targets.tolist()} out of range for a network with {num_classes} classes.")
-    return targets
+    check_network_input(network, inputs, "inputs")
 
 
 def check_target_range(network: nn.Module, target: Target, batch_size: int | None = None) -> None:
-    """Reject class indices outside the network's classifier head, or a target tensor whose length
-    is neither 1 nor ``batch_size``, before any forward pass."""
-    if target is None:
-        return
-    targets = torch.as_tensor(target).reshape(-1)
-    if batch_size is not None and targets.numel() not in (1, batch_size):
-        raise ValueError(f"target has {targets.numel()} entries for a batch of {batch_size}.")
-    num_classes = num_classes_of(network)
-    if num_classes is None:
-        return
-    if ((targets < 0) | (targets >= num_classes)).any():
-        raise ValueError(f"class index {targets.tolist()} out of range for a network with {num_classes} classes.")
-
-
-@contextlib.contextmanager
-def restore_mode(network: nn.Module, training: bool = False) -> Iterator[nn.Module]:
-    """Put ``network`` in train (``training=True``) or eval mode for the block, then restore every
-    submodule's own mode (so a frozen BatchNorm inside a training model stays frozen)."""
-    modes = [(module, module.training) for module in network.modules()]
-    network.train(training)
-    try:
-        yield network
-    finally:
-        for module, mode in modes:
-            module.training = mode
+    """Reject class indices outside the network's classifier head, fractional or non-numeric targets, or a target
+    whose length is neither 1 nor ``batch_size``, before any forward pass (see
+    :func:`monai_kdx.networks.class_indices`)."""
+    if target is not None:
+        class_indices(target, batch_size, num_classes_of(network), broadcast=True, name="target")
 
 
 class Explainer:

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monai_kdx.networks import FeatureCapture, unwrap_network
+from monai_kdx.networks import FeatureCapture, Target, resolve_targets, restore_mode, trace_network
 from monai_kdx.registry import EXPLAINERS
 
 from .activation import minmax_normalize
-from .base import Explainer, Target, check_inputs, check_target_range, resolve_targets, restore_mode
+from .base import Explainer, check_inputs, check_target_range
 
 __all__ = ["CAM_MODES", "FUSIONS", "CAMResult", "HierarchicalCAM", "cam_from_features", "stage_layers", "fuse_maps"]
 
@@ -145,73 +145,19 @@ def cam_from_features(
     return maps
 
 
-def _conv_count(module: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
-
-
 def stage_layers(network: nn.Module, example: torch.Tensor) -> list[str]:
-    """One layer per stage of a CNN, shallow to deep, found from one probe forward pass.
-
-    The stage container is the module whose convolution-holding children produce feature maps at the
-    most distinct spatial resolutions (``features`` of a MONAI DenseNet, the network itself for a MONAI
-    ResNet, ``blocks`` of :class:`~monai_kdx.networks.ShallowCNN`). Of its children, the last one at each
-    resolution is a stage; a bare convolution stem is dropped when at least two stages remain. MONAI
-    DenseNet121 gives ``features.denseblock1`` … ``features.denseblock4``; MONAI ResNet ``layer1`` …
-    ``layer4``.
+    """One layer per stage of a CNN, shallow to deep, from one probe forward pass (see
+    :meth:`monai_kdx.networks.NetworkTrace.stage_layers`). MONAI DenseNet121 gives ``features.denseblock1`` …
+    ``features.denseblock4``; MONAI ResNet ``layer1`` … ``layer4``; a DDP wrapper adds ``module.``.
 
     Args:
         network: a 2D or 3D CNN classifier.
-        example: (B, C, *spatial) input; only its first sample is run (no gradients, eval mode).
-
-    Returns:
-        Module paths, shallow to deep.
+        example: (B, C, *spatial) input; only its first sample is run (eval mode).
 
     Raises:
         ValueError: the network has no convolution stages.
     """
-    root = unwrap_network(network)
-    spatial_ndim = example.ndim
-    resolution: dict[str, tuple[int, ...]] = {}
-    order: list[str] = []
-    names = {module: name for name, module in root.named_modules() if name}
-
-    def record(module: nn.Module, inputs: object, output: object) -> None:
-        if isinstance(output, torch.Tensor) and output.ndim == spatial_ndim and module in names:
-            resolution[names[module]] = tuple(output.shape[2:])
-            order.append(names[module])
-
-    handles = [m.register_forward_hook(record) for m in names]
-    try:
-        with torch.no_grad(), restore_mode(root, training=False):
-            root(example[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    position = {name: i for i, name in enumerate(order)}  # last execution of each module
-    best: tuple[int, list[str]] = (0, [])
-    for container_name, container in [("", root), *((n, m) for n, m in root.named_modules() if n)]:
-        prefix = f"{container_name}." if container_name else ""
-        children = [
-            f"{prefix}{child}"
-            for child, module in container.named_children()
-            if _conv_count(module) and f"{prefix}{child}" in resolution
-        ]
-        children.sort(key=position.__getitem__)
-        stages: list[str] = []
-        for name in children:
-            if stages and resolution[stages[-1]] == resolution[name]:
-                stages[-1] = name
-            else:
-                stages.append(name)
-        if len(stages) > best[0]:
-            best = (len(stages), stages)
-    stages = best[1]
-    if len(stages) > 2 and isinstance(root.get_submodule(stages[0]), nn.modules.conv._ConvNd):
-        stages = stages[1:]
-    if not stages:
-        raise ValueError(f"{type(root).__name__} has no convolution stages to explain; pass layers explicitly.")
-    prefix = "module." if root is not network else ""
-    return [f"{prefix}{name}" for name in stages]
+    return trace_network(network, example).stage_layers()
 
 
 @dataclass

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from monai_kdx.networks import FeatureCapture
+from monai_kdx.networks import FeatureCapture, resolve_targets, restore_mode
 
-from .base import check_inputs, resolve_targets, restore_mode
+from .base import check_inputs
 
 __all__ = ["TCAV", "TCAVResult", "concept_patches", "fit_cav"]
 

@@ -1,23 +1,30 @@
-"""Layer-wise relevance propagation (LRP) through zennit, made correct for MONAI DenseNet and ResNet in 2D and 3D.
+"""The one LRP backend: layer-wise relevance propagation through zennit, made correct for MONAI DenseNet and ResNet
+and this package's students, in 2D and 3D.
+
+Explanations (:class:`~monai_kdx.explain.LRPAttribution`, relevance at the input), saliency losses (the same, with
+``create_graph=True``) and pruning (:class:`~monai_kdx.pruning.LRPRelevance`, relevance at every layer's output)
+all build their rules here, with :func:`lrp_composite`: one composite (:func:`make_composite`), the BatchNorm merge
+and the residual canonizer below, applied in one place.
 
 zennit supplies the rules (epsilon, z+, alpha-beta, flat, z-box, gamma) and composites (which rule goes to which
 layer); this module supplies what zennit cannot know about MONAI networks:
 
 * **BatchNorm.** A BatchNorm that consumes exactly one convolution's (or linear layer's) output, and nothing else
   consumes that output, is merged into it (zennit's ``NamedMergeBatchNorm``). The pairs are found from the autograd
-  graph of one traced forward pass (:func:`find_batchnorm_pairs`), not from module order: zennit's
-  ``SequentialMergeBatchNorm`` pairs consecutive leaves and, on MONAI DenseNet, would merge a dense layer's
-  ``norm1`` (which normalizes the *concatenation* of all previous features) into the previous layer's ``conv2``
+  graph of one traced forward pass (:meth:`monai_kdx.networks.NetworkTrace.batchnorm_pairs`), not from module
+  order: zennit's ``SequentialMergeBatchNorm`` pairs consecutive leaves and, on MONAI DenseNet, would merge a dense
+  layer's ``norm1`` (which normalizes the *concatenation* of all previous features) into the previous layer's ``conv2``
   (a shape error at best, a wrong model at worst). In MONAI DenseNet the merged pairs are ``conv0→norm0`` and every
   dense layer's ``conv1→norm2``; the pre-activation BatchNorms (dense layers' ``norm1``, transitions' ``norm``,
   ``norm5``: BN→ReLU→Conv on a concatenation) cannot be merged into anything and keep zennit's ``Pass`` rule: their
   output relevance is handed to their input element-wise, which conserves relevance (the affine shift of the BN
   absorbs none). In MONAI ResNet every BatchNorm follows its convolution (``conv1→bn1``, ``conv2→bn2``, the
   downsample ``conv→bn``) and is merged.
-* **Residual additions.** MONAI's ``ResNetBlock``/``ResNetBottleneck`` add the shortcut with a plain ``out +=
-  residual``. Relevance in zennit travels as the *gradient* between hooked layers, and autograd hands the full
-  incoming gradient to both summands of ``+``: the relevance is copied, not split, and doubles at every block
-  (measured: a one-block net returns exactly 2x the logit). A canonizer (:func:`monai_resnet_canonizer`)
+* **Residual additions.** MONAI's ``ResNetBlock``/``ResNetBottleneck`` and the students'
+  :class:`~monai_kdx.networks.students.ResidualBlock` add the shortcut with a plain ``+``. Relevance in zennit
+  travels as the *gradient* between hooked layers, and autograd hands the full incoming gradient to both summands
+  of ``+``: the relevance is copied, not split, and doubles at every block
+  (measured: a one-block net returns exactly 2x the logit). A canonizer (:func:`residual_canonizer`)
   temporarily replaces those blocks' ``forward`` by one that adds through a zennit ``Sum`` module, on which every
   composite puts the ``Norm`` rule: relevance is split between the branch and the shortcut in proportion to their
   contributions ``R_k = x_k / (x_branch + x_shortcut) * R``, which conserves it.
@@ -36,9 +43,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from monai_kdx.networks import trace_network
+from monai_kdx.networks.students import ResidualBlock
+
 from .zennit_backend import import_zennit
 
-__all__ = ["LRP_COMPOSITES", "find_batchnorm_pairs", "make_composite", "monai_resnet_canonizer"]
+__all__ = ["LRP_COMPOSITES", "lrp_composite", "make_composite", "residual_canonizer"]
 
 #: Composite names accepted by :class:`LRPAttribution` (``composite=...``).
 LRP_COMPOSITES = (
@@ -48,77 +58,8 @@ LRP_COMPOSITES = (
     "epsilon_plus",
     "epsilon_alpha2_beta1",
     "epsilon",
+    "zplus",
 )
-
-_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
-
-
-def find_batchnorm_pairs(network: nn.Module, inputs: torch.Tensor) -> list[tuple[tuple[str], str]]:
-    """Find the (linear layer, BatchNorm) pairs that can be merged without changing the network's function.
-
-    A pair qualifies when the BatchNorm's input is the very tensor produced by a convolution or linear layer, that
-    tensor feeds nothing else (one consumer in the autograd graph), both modules run exactly once per forward pass,
-    and the BatchNorm has affine parameters and running statistics. One traced forward pass on the first sample.
-
-    Args:
-        network: a 2D or 3D network (in the mode it will be explained in, normally eval).
-        inputs: (B, C, H, W) or (B, C, H, W, D); only ``inputs[:1]`` is used.
-
-    Returns:
-        ``[((linear_path,), batchnorm_path), ...]`` in the format of zennit's ``NamedMergeBatchNorm``, with module
-        paths relative to ``network``.
-    """
-    modules = dict(network.named_modules())
-    linears = {id(m): name for name, m in modules.items() if isinstance(m, _LINEAR)}
-    norms = {
-        id(m): name
-        for name, m in modules.items()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.running_mean is not None
-    }
-    produced: dict[str, Any] = {}
-    consumed: dict[str, Any] = {}
-    calls: dict[str, int] = {}
-
-    def after_linear(module: nn.Module, args: Any, output: Any) -> None:
-        name = linears[id(module)]
-        calls[name] = calls.get(name, 0) + 1
-        if isinstance(output, torch.Tensor):
-            produced[name] = output.grad_fn
-
-    def before_norm(module: nn.Module, args: Any) -> None:
-        name = norms[id(module)]
-        calls[name] = calls.get(name, 0) + 1
-        if args and isinstance(args[0], torch.Tensor):
-            consumed[name] = args[0].grad_fn
-
-    handles = [modules[name].register_forward_hook(after_linear) for name in linears.values()]
-    handles += [modules[name].register_forward_pre_hook(before_norm) for name in norms.values()]
-    try:
-        with torch.enable_grad():
-            output = network(inputs[:1].detach().requires_grad_(True))
-    finally:
-        for handle in handles:
-            handle.remove()
-    # count the consumers of every autograd node reachable from the output
-    consumers: dict[Any, int] = {}
-    stack = [output.grad_fn] if getattr(output, "grad_fn", None) is not None else []
-    seen = {id(node) for node in stack}
-    while stack:
-        node = stack.pop()
-        for parent, _ in node.next_functions:
-            if parent is None:
-                continue
-            consumers[parent] = consumers.get(parent, 0) + 1
-            if id(parent) not in seen:
-                seen.add(id(parent))
-                stack.append(parent)
-    by_node = {node: name for name, node in produced.items() if node is not None and calls.get(name) == 1}
-    pairs = []
-    for norm_name, node in consumed.items():
-        linear_name = by_node.get(node)
-        if linear_name is not None and calls.get(norm_name) == 1 and consumers.get(node) == 1:
-            pairs.append(((linear_name,), norm_name))
-    return pairs
 
 
 def _block_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -138,9 +79,15 @@ def _bottleneck_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.act(self.canonizer_sum(torch.stack([out, residual], dim=-1)))
 
 
-def monai_resnet_canonizer() -> Any:
-    """A zennit canonizer that makes the residual additions of MONAI ``ResNetBlock`` and ``ResNetBottleneck``
-    (2D and 3D) split relevance proportionally instead of copying it (see the module docstring).
+def _student_residual_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """:class:`~monai_kdx.networks.students.ResidualBlock` with its addition routed through ``self.canonizer_sum``."""
+    return self.act(self.canonizer_sum(torch.stack([x, self.body(x)], dim=-1)))
+
+
+def residual_canonizer() -> Any:
+    """A zennit canonizer that makes the residual additions of MONAI ``ResNetBlock`` and ``ResNetBottleneck`` and of
+    the students' ``ResidualBlock`` (2D and 3D) split relevance proportionally instead of copying it (see the module
+    docstring).
 
     Returns:
         a ``zennit.canonizers.AttributeCanonizer``; pass it in a composite's ``canonizers``.
@@ -148,12 +95,12 @@ def monai_resnet_canonizer() -> Any:
     zennit = import_zennit()
     from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 
+    forwards = ((ResNetBottleneck, _bottleneck_forward), (ResNetBlock, _block_forward))
+    forwards += ((ResidualBlock, _student_residual_forward),)
+
     def attributes(name: str, module: nn.Module) -> dict[str, Any] | None:
-        if isinstance(module, ResNetBottleneck):
-            forward = _bottleneck_forward
-        elif isinstance(module, ResNetBlock):
-            forward = _block_forward
-        else:
+        forward = next((function for kind, function in forwards if isinstance(module, kind)), None)
+        if forward is None:
             return None
         return {"forward": types.MethodType(forward, module), "canonizer_sum": zennit.layer.Sum(dim=-1)}
 
@@ -182,9 +129,12 @@ def make_composite(
     * ``epsilon_plus``, ``epsilon_alpha2_beta1``: without the special first layer.
     * ``epsilon``: the epsilon rule on every convolution and linear layer (for bias-free ReLU networks this equals
       gradient x input; the reference for conservation checks).
+    * ``zplus``: the z+ rule on every convolution and linear layer, the first included (positive contributions of
+      positive inputs, negative weights of negative inputs, nothing to the bias): DL-Backtrace's proportional
+      propagation ``R_i = Σ_j (z_ij⁺ / Σ_k z_kj⁺) R_j``, which conserves relevance layer to layer.
 
     All of them pass relevance unchanged through activations and unmerged BatchNorms and use the proportional
-    ``Norm`` rule on average pooling and on the residual ``Sum`` of :func:`monai_resnet_canonizer`.
+    ``Norm`` rule on average pooling and on the residual ``Sum`` of :func:`residual_canonizer`.
 
     Args:
         name: composite name.
@@ -207,10 +157,13 @@ def make_composite(
     composites = zennit.composites
     zero_params = ["bias"] if zero_bias else None
     common = {"stabilizer": stabilizer, "zero_params": zero_params, "canonizers": list(canonizers)}
-    if name == "epsilon":
-        layer_map = composites.layer_map_base(stabilizer) + [
-            (zennit.types.Linear, zennit.rules.Epsilon(epsilon=epsilon, zero_params=zero_params))
-        ]
+    if name in ("epsilon", "zplus"):
+        rule = (
+            zennit.rules.Epsilon(epsilon=epsilon, zero_params=zero_params)
+            if name == "epsilon"
+            else zennit.rules.ZPlus(stabilizer=stabilizer, zero_params=zero_params)
+        )
+        layer_map = composites.layer_map_base(stabilizer) + [(zennit.types.Linear, rule)]
         return composites.LayerMapComposite(layer_map=layer_map, canonizers=list(canonizers))
     if name == "epsilon_gamma_box":
         if low is None or high is None:
@@ -223,3 +176,37 @@ def make_composite(
         "epsilon_alpha2_beta1": composites.EpsilonAlpha2Beta1,
     }[name]
     return cls(epsilon=epsilon, **common)
+
+
+def lrp_composite(
+    network: nn.Module,
+    example: torch.Tensor,
+    name: str = "epsilon_plus_flat",
+    *,
+    merge_batchnorm: bool = True,
+    canonizers: Sequence[Any] = (),
+    **options: Any,
+) -> Any:
+    """The composite that explains ``network``: :func:`make_composite` with the BatchNorm merge (pairs traced on
+    ``example``), the residual canonizer and any extra canonizers.
+
+    Register it for a block with ``with composite.context(network):``; a backward pass from the logits then carries
+    relevance as the gradient (read it at the input, or at any layer output captured *before* registering).
+
+    Args:
+        network: a 2D or 3D network.
+        example: (B, C, *spatial) input, for tracing the BatchNorm pairs (first sample only).
+        name: one of :data:`LRP_COMPOSITES`.
+        merge_batchnorm: merge each (conv, BatchNorm) pair for the duration of the context (it swaps parameter
+            values in place: not with a graph kept for later); otherwise every BatchNorm passes relevance through.
+        canonizers: extra zennit canonizers for other architectures (applied after the built-in ones).
+        options: :func:`make_composite`'s keyword arguments (``epsilon``, ``gamma``, ``stabilizer``, ``zero_bias``,
+            ``low``, ``high``).
+    """
+    zennit = import_zennit()
+    built: list[Any] = []
+    if merge_batchnorm:
+        pairs = trace_network(network, example).batchnorm_pairs()
+        if pairs:
+            built.append(zennit.canonizers.NamedMergeBatchNorm(pairs))
+    return make_composite(name, canonizers=[*built, residual_canonizer(), *canonizers], **options)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from .guards import FiniteGuard
 from .output_transforms import scalars, stacked
 from .progress import ProgressBar
 from .pruning import RelevancePruningHandler
 from .saliency import SaliencyGuidance
-from .tracking import MLflowModelLogger
+from .tracking import MLflowModelLogger, MLflowRunHandler
 
-__all__ = ["MLflowModelLogger", "ProgressBar", "RelevancePruningHandler", "SaliencyGuidance", "scalars", "stacked"]
+__all__ = [
+    "FiniteGuard",
+    "MLflowModelLogger",
+    "MLflowRunHandler",
+    "ProgressBar",
+    "RelevancePruningHandler",
+    "SaliencyGuidance",
+    "scalars",
+    "stacked",
+]

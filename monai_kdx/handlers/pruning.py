@@ -12,22 +12,19 @@ or any MONAI ``Trainer`` (an engine with ``network`` and ``optimizer``). At the 
    :func:`~monai_kdx.metrics.explanation_agreement` (mean over samples);
 4. transparency gate: if the pruned copy's accuracy is below ``min_accuracy`` or its agreement below
    ``min_agreement``, the step is discarded (the network is kept as it was) and pruning stops;
-5. otherwise swap the pruned network in: ``engine.network`` (re-wrapped in ``DistributedDataParallel`` or
-   ``DataParallel`` like the old one), the optimizer's parameter groups, the evaluators sharing the network.
+5. otherwise swap the pruned network in with :func:`monai_kdx.engines.replace_network`: ``engine.network``
+   (re-wrapped in ``DistributedDataParallel`` or ``DataParallel`` like the old one), the optimizer's parameter
+   groups (rebuilt in place: LR schedulers keep working), the engines listed in ``evaluators`` and the
+   ``save_dict`` of the ``checkpoint_savers``, and the feature captures of the trainer.
 
-The optimizer is rebuilt *in place*: every parameter group keeps its hyper-parameters (lr, weight decay, ...)
-and gets the pruned network's parameters instead of the old ones; the state (e.g. Adam moments) of the replaced
-parameters is dropped, that of other parameters (e.g. distillation adapters) is kept. Because the optimizer
-object stays the same, LR schedulers, ``LrScheduleHandler`` and checkpoint dicts that reference it keep
-working with no rebuild. Evaluators are updated when passed in ``evaluators`` and found automatically behind
-the trainer's ``ValidationHandler``\\ s; ``CheckpointSaver`` ``save_dict`` entries holding the old network
-are pointed at the new one (the files are then state dicts of a pruned network: save it with
+An ignite engine does not list its handlers publicly, so every evaluator that shares the trainer's network (the one
+behind a ``ValidationHandler``, a test evaluator) must be listed in ``evaluators``, and every ``CheckpointSaver``
+saving it in ``checkpoint_savers`` (its files are then state dicts of a pruned network: save it with
 :func:`~monai_kdx.pruning.save_pruned`, as ``save_path`` does, to load it back with
-:func:`~monai_kdx.pruning.load_pruned`). Other holders of the old network (e.g. explanation transforms
-built with ``network=@network``) are not reachable: point them at ``engine.network`` yourself. Feature captures bound
-to the old network's layers (e.g. :class:`~monai_kdx.engines.DistillationTrainer`'s student capture) are re-bound by
-path. Distillation terms with adapters sized to the student's channels (feature hints on a pruned layer) cannot
-follow a pruning step: keep those layers in ``ignored_layers`` or distil before pruning.
+:func:`~monai_kdx.pruning.load_pruned`). Other holders of the old network (e.g. explanation transforms built with
+``network=@network``) must be pointed at ``engine.network`` by their owner. Distillation terms with adapters sized
+to the student's channels (feature hints on a pruned layer) cannot follow a pruning step: keep those layers in
+``ignored_layers`` or distil before pruning.
 
 Measurements go to ``engine.state.metrics`` (so MONAI's ``MLFlowHandler``/``StatsHandler`` log them at the end
 of the epoch) under ``<prefix>params_before``, ``<prefix>params``, ``<prefix>macs_before``, ``<prefix>macs``,
@@ -46,8 +43,6 @@ import json
 import math
 import numbers
 import os
-import statistics
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -55,11 +50,22 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from monai_kdx.explain.base import restore_mode
-from monai_kdx.networks import check_network_spec, count_macs, count_parameters, network_spec, unwrap_network
+from monai_kdx.engines.rewiring import replace_network
+from monai_kdx.networks import (
+    as_plain_tensor,
+    check_network_spec,
+    class_indices,
+    count_macs,
+    count_parameters,
+    device_of,
+    latency_ms,
+    network_spec,
+    restore_mode,
+    split_batch,
+    unwrap_network,
+)
 from monai_kdx.pruning import check_prunable, check_ratio, prune_by_relevance, resolve_relevance_method
 from monai_kdx.pruning.persistence import architecture_spec, save_pruned
-from monai_kdx.pruning.relevance import _device_of, _label_indices, _plain, split_batch
 
 __all__ = ["RelevancePruningHandler"]
 
@@ -67,7 +73,7 @@ __all__ = ["RelevancePruningHandler"]
 def _logits(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)):
         output = output[0]
-    return _plain(output)
+    return as_plain_tensor(output)
 
 
 def _all_ranks_sum(values: list[float]) -> list[float]:
@@ -79,48 +85,6 @@ def _all_ranks_sum(values: list[float]) -> list[float]:
         tensor = tensor.cuda()
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor.cpu().tolist()
-
-
-def _rebind_captures(engine: Engine, model: nn.Module, pruned: nn.Module, max_depth: int = 2) -> None:
-    """Re-resolve, by path on ``pruned``, every :class:`~monai_kdx.networks.FeatureCapture` reachable from the
-    engine's attributes (``max_depth`` levels, e.g. ``DistillationTrainer``'s student capture) that hooks ``model``."""
-    from monai_kdx.networks import FeatureCapture, resolve_module
-
-    old_modules = {id(module) for module in model.modules()}
-    seen: set[int] = set()
-
-    def visit(obj: Any, depth: int) -> None:
-        if id(obj) in seen or depth > max_depth or isinstance(obj, (nn.Module, torch.Tensor)):
-            return
-        seen.add(id(obj))
-        if isinstance(obj, FeatureCapture):
-            if any(id(module) in old_modules for module in obj.modules.values()):
-                obj.modules = {path: resolve_module(pruned, path) for path in obj.layers}
-            return
-        attributes = getattr(obj, "__dict__", None)
-        if isinstance(attributes, dict):
-            for value in list(attributes.values()):
-                visit(value, depth + 1)
-
-    visit(engine, 0)
-
-
-def _owner(handler: Any) -> Any:
-    """The object behind an ignite event handler (filtered wrappers and bound methods unwrapped)."""
-    parent = getattr(handler, "_parent", None)
-    if parent is not None:
-        handler = parent() or handler
-    return getattr(handler, "__self__", handler)
-
-
-def _handler_objects(engine: Engine) -> list[Any]:
-    objects = []
-    for handlers in getattr(engine, "_event_handlers", {}).values():
-        for entry in handlers:
-            owner = _owner(entry[0])
-            if all(owner is not seen for seen in objects):
-                objects.append(owner)
-    return objects
 
 
 class RelevancePruningHandler:
@@ -147,8 +111,10 @@ class RelevancePruningHandler:
         global_pruning: rank channels across layers instead of within each layer.
         max_batches: at most this many calibration batches per relevance collection (None: all).
         target: relevance of the ``"label"`` class or of the predicted class ``"pred"``.
-        evaluators: engines (e.g. ``@validate#evaluator``) whose ``network`` must follow the pruned network;
-            evaluators behind the trainer's ``ValidationHandler``\\ s are found automatically.
+        evaluators: engines (e.g. ``[@validate#evaluator, @test#evaluator]``) whose ``network`` must follow the
+            pruned network: every evaluator that shares the trainer's network.
+        checkpoint_savers: ``CheckpointSaver``\\ s (anything with a ``save_dict``) whose entries holding the
+            network must follow the pruned one.
         accuracy_loader: loader on which accuracy before/after each step is measured (default: the calibration
             loader).
         min_accuracy: gate, in [0, 1]: discard a step whose pruned network's accuracy is below this, and stop.
@@ -202,6 +168,7 @@ class RelevancePruningHandler:
         max_batches: int | None = None,
         target: str = "label",
         evaluators: Sequence[Engine] | None = None,
+        checkpoint_savers: Sequence[Any] | None = None,
         accuracy_loader: Iterable[Any] | None = None,
         min_accuracy: float | None = None,
         min_agreement: float | None = None,
@@ -253,6 +220,10 @@ class RelevancePruningHandler:
         self.max_batches = max_batches
         self.target = target
         self.evaluators = list(evaluators or [])
+        self.checkpoint_savers = list(checkpoint_savers or [])
+        for saver in self.checkpoint_savers:
+            if not isinstance(getattr(saver, "save_dict", None), dict):
+                raise ValueError(f"checkpoint saver {type(saver).__name__} has no save_dict to update after pruning.")
         self.min_accuracy = None if min_accuracy is None else float(min_accuracy)
         self.min_agreement = None if min_agreement is None else float(min_agreement)
         self.agreement_method = agreement_method
@@ -288,7 +259,7 @@ class RelevancePruningHandler:
         first = next(iter(self.calibration_loader), None)
         if first is None:
             raise ValueError("the calibration loader is empty: pruning by relevance needs at least one batch.")
-        self._example = _plain(split_batch(first)[0])[:1].detach()
+        self._example = as_plain_tensor(split_batch(first)[0])[:1].detach()
         if hasattr(engine, "network"):
             self._check_engine(engine)
         else:  # MONAI trainers attach their train_handlers before setting `network`: check before the first batch
@@ -305,7 +276,7 @@ class RelevancePruningHandler:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"{type(engine).__name__} has no torch `optimizer` to rebuild after pruning.")
         model = unwrap_network(network)
-        self._example = self._example.to(_device_of(model))
+        self._example = self._example.to(device_of(model))
         kept = math.prod(1.0 - r for r in self.schedule.values())
         # unsupported networks (layer named) and ratios that empty a layer, traced on a copy
         check_prunable(model, self._example, self.ignored_layers, None if self.global_pruning else 1.0 - kept)
@@ -321,11 +292,11 @@ class RelevancePruningHandler:
             if limit is not None and index >= limit:
                 return
             image, label = split_batch(batch)
-            image = _plain(image)
-            yield image, _label_indices(label, image.shape[0], torch.device("cpu"))
+            image = as_plain_tensor(image)
+            yield image, class_indices(label, image.shape[0], one_hot=True, device="cpu")
 
     def _accuracy(self, model: nn.Module) -> float:
-        device, correct, total = _device_of(model), 0, 0
+        device, correct, total = device_of(model), 0, 0
         loader = self.accuracy_loader if self.accuracy_loader is not None else self.calibration_loader
         with restore_mode(model), torch.no_grad():
             for image, label in self._batches(loader, None):
@@ -336,27 +307,13 @@ class RelevancePruningHandler:
         return correct / max(total, 1)
 
     def _latency_ms(self, model: nn.Module) -> float:
-        if self.latency_repeats == 0:
-            return float("nan")
-        example = self._example.to(_device_of(model))
-        times = []
-        with restore_mode(model), torch.no_grad():
-            model(example)  # warm-up
-            for _ in range(self.latency_repeats):
-                if example.is_cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(example)
-                if example.is_cuda:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-        return 1000.0 * statistics.median(times)
+        return latency_ms(model, self._example, self.latency_repeats) if self.latency_repeats else float("nan")
 
     def _explanations(self, model: nn.Module) -> list[torch.Tensor]:
         """Fused CAMs (B, 1, H, W[, D]) of the first ``gate_batches`` calibration batches, for their labels."""
         from monai_kdx.explain import HierarchicalCAM
 
-        device, maps = _device_of(model), []
+        device, maps = device_of(model), []
         explainer = HierarchicalCAM(model, mode=self.cam_mode)
         for image, label in self._batches(self.calibration_loader, self.gate_batches):
             maps.append(explainer.cam(image.to(device), label.to(device)).fused.detach().cpu())
@@ -422,7 +379,8 @@ class RelevancePruningHandler:
         }
         self.report.append(entry)
         if accepted:
-            self._swap(engine, old, model, pruned)
+            save_dicts = [saver.save_dict for saver in self.checkpoint_savers]
+            replace_network(engine, pruned, evaluators=self.evaluators, save_dicts=save_dicts)
         else:
             self.stopped = True
             engine.logger.warning(f"pruning step at epoch {epoch} discarded and pruning stopped: {entry['reason']}.")
@@ -443,62 +401,6 @@ class RelevancePruningHandler:
             f"{p}agreement": agreement,
         }
         metrics.update({key: value for key, value in values.items() if not math.isnan(value)})  # NaN: not measured
-
-    def _swap(self, engine: Engine, old: nn.Module, model: nn.Module, pruned: nn.Module) -> None:
-        """Point the engine, its optimizer, evaluators and checkpoint savers at ``pruned`` (re-wrapped like ``old``)."""
-        new = self._rewrap(old, pruned)
-
-        def replacement(obj: Any) -> Any:
-            if obj is old:
-                return new
-            if obj is model:
-                return pruned
-            return None
-
-        engine.network = new
-        names = {id(p): name for name, p in model.named_parameters()}
-        fresh = dict(pruned.named_parameters())
-        optimizer = engine.optimizer
-        for group in optimizer.param_groups:
-            params = []
-            for param in group["params"]:
-                if id(param) in names:
-                    optimizer.state.pop(param, None)
-                    param = fresh[names[id(param)]]
-                params.append(param)
-            group["params"] = params
-        engines = [engine, *self.evaluators]
-        for obj in _handler_objects(engine):
-            validator = getattr(obj, "validator", None)
-            if isinstance(validator, Engine) and all(validator is not e for e in engines):
-                engines.append(validator)
-        for other in engines:
-            if other is not engine:
-                swapped = replacement(getattr(other, "network", None))
-                if swapped is not None:
-                    other.network = swapped
-            for obj in _handler_objects(other):
-                save_dict = getattr(obj, "save_dict", None)
-                if isinstance(save_dict, dict):
-                    for key, value in list(save_dict.items()):
-                        swapped = replacement(value)
-                        if swapped is not None:
-                            save_dict[key] = swapped
-
-        _rebind_captures(engine, model, pruned)
-
-    @staticmethod
-    def _rewrap(old: nn.Module, pruned: nn.Module) -> nn.Module:
-        from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-        if isinstance(old, DistributedDataParallel):
-            kwargs: dict[str, Any] = {"find_unused_parameters": old.find_unused_parameters}
-            if not old.broadcast_buffers:  # the default is True (passing it at all is deprecated in recent torch)
-                kwargs["broadcast_buffers"] = False
-            return DistributedDataParallel(pruned, device_ids=old.device_ids, output_device=old.output_device, **kwargs)
-        if isinstance(old, DataParallel):
-            return DataParallel(pruned, device_ids=old.device_ids, output_device=old.output_device, dim=old.dim)
-        return pruned
 
     @property
     def report_path(self) -> str | None:

@@ -30,9 +30,11 @@ import torch
 from ignite.engine import Engine, Events
 from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys
 from torch import nn
 
-from monai_kdx.losses.saliency import SaliencyContext, SaliencyLoss, _check_weight, check_target_map
+from monai_kdx.losses.checks import check_weight
+from monai_kdx.losses.saliency import SaliencyContext, SaliencyLoss, check_inputs, check_target_map
 from monai_kdx.networks import FeatureCapture
 
 __all__ = ["SaliencyGuidance"]
@@ -60,7 +62,9 @@ class SaliencyGuidance:
     Raises:
         ValueError: a loss that is not a saliency loss, a negative or non-finite weight, an empty name or
             one of MONAI's own output keys; from :meth:`attach`: an evaluator, an engine without a network
-            or MONAI's iteration events, or a layer path the network does not have (close matches listed).
+            or MONAI's iteration events, or a layer path the network does not have (close matches listed);
+            during training, before the backward pass: a batch whose image (``batch['image']``) or target map
+            (``batch[target_key]``) holds NaN or infinite values, naming the key and the samples.
 
     Example (bundle YAML, appended to ``train#handlers``):
         - _target_: monai_kdx.handlers.saliency.SaliencyGuidance
@@ -83,7 +87,7 @@ class SaliencyGuidance:
             loss = SALIENCY_LOSSES.build(loss)
         if not isinstance(loss, SaliencyLoss):
             raise ValueError(f"loss must be a SaliencyLoss (monai_kdx.losses.saliency), got {type(loss).__name__}.")
-        weight = _check_weight("weight", weight)
+        weight = check_weight("weight", weight)
         if not isinstance(name, str) or not name or name in ("loss", "pred", "label", "image"):
             raise ValueError(f"name must be a new engine output key, not {name!r}.")
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 1:
@@ -196,6 +200,9 @@ class SaliencyGuidance:
                     f"the batch has no target map {self.target_key!r} (batch keys: {keys}); load it in the "
                     "training preprocessing and keep it in SelectItemsd."
                 )
+            image_key = str(CommonKeys.IMAGE)  # where MONAI's prepare_batch takes the network input from
+            image_name = f"batch[{image_key!r}]" if image_key in batch else "the network input"
+            check_inputs(self._inputs, image_name)  # before backward: a NaN image gives NaN gradients
             target_map = batch[self.target_key]
             if not isinstance(target_map, torch.Tensor):
                 raise ValueError(f"batch[{self.target_key!r}] must be a tensor, got {type(target_map).__name__}.")

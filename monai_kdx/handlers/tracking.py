@@ -1,9 +1,10 @@
-"""Log a trained classifier as an MLflow model into the run of MONAI's ``MLFlowHandler``.
+"""MLflow from engines: :class:`MLflowRunHandler`, MONAI's ``MLFlowHandler`` made safe for repeated and failing
+runs, and :class:`MLflowModelLogger`, which logs a trained classifier as an MLflow model into that handler's run.
 
-:class:`MLflowModelLogger` does not open a run of its own: when the engine completes, it logs the
-model file through the client and into the run of the ``MLFlowHandler`` attached to the same engine
-(:func:`monai_kdx.tracking.mlflow_handler_run`), and registers it in the Model Registry. Under DDP the
-``MLFlowHandler`` exists on rank 0 only, so the other ranks log nothing. In a bundle::
+:class:`MLflowRunHandler` publishes its run on the engine's state (``engine.state.mlflow_run``: the client and run
+id), so other handlers find it through ignite's public API. :class:`MLflowModelLogger` does not open a run of its
+own: when the engine completes, it logs the model file into that run and registers it in the Model Registry. Under
+DDP the run handler exists on rank 0 only, so the other ranks log nothing. In a bundle::
 
     model_logger:
       _target_: monai_kdx.handlers.MLflowModelLogger
@@ -21,10 +22,58 @@ from collections.abc import Mapping
 from typing import Any
 
 from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
 
-from monai_kdx.tracking import has_mlflow_handler, log_classifier, mlflow_handler_run
+from monai_kdx.tracking import experiment_id, log_classifier
 
-__all__ = ["MLflowModelLogger"]
+__all__ = ["MLflowRunHandler", "MLflowModelLogger", "RUN_STATE"]
+
+RUN_STATE = "mlflow_run"
+"""The ``engine.state`` attribute where :class:`MLflowRunHandler` publishes ``(client, run_id)``."""
+
+_ACTIVE = "RUNNING"
+
+
+class MLflowRunHandler(MLFlowHandler):
+    """MONAI's ``MLFlowHandler`` (same arguments) with three guarantees for runs that are repeated or fail:
+
+    - it logs only into a *running* run named ``run_name`` (e.g. the stage run a pipeline created) or a new one:
+      never into a finished, failed or killed run (MONAI's handler adopts any run that is not FINISHED, so a failed
+      attempt and the next one would share a run);
+    - when the engine raises, its run is marked FAILED (and the exception goes on), so no later run adopts it;
+    - a new experiment keeps its artifacts next to an embedded SQLite store
+      (:func:`monai_kdx.tracking.artifact_location`), not in ``./mlruns`` of the working directory.
+
+    Its run is published as ``engine.state.mlflow_run = (client, run_id)`` for other handlers
+    (:class:`MLflowModelLogger`).
+    """
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        if not engine.has_event_handler(self._failed, Events.EXCEPTION_RAISED):
+            engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
+
+    def start(self, engine: Engine) -> None:
+        if self.tracking_uri and self.experiment_name and self.cur_run is None:
+            experiment = experiment_id(self.tracking_uri, self.experiment_name)  # created with its artifact location
+            if self.run_name is not None:
+                runs = self.client.search_runs(
+                    [experiment], filter_string=f"attributes.run_name = '{self.run_name}'", order_by=["start_time DESC"]
+                )
+                active = [run for run in runs if run.info.status == _ACTIVE]
+                self.cur_run = (
+                    self.client.get_run(active[0].info.run_id)
+                    if active
+                    else self.client.create_run(experiment_id=experiment, run_name=self.run_name)
+                )
+        super().start(engine)
+        setattr(engine.state, RUN_STATE, (self.client, self.cur_run.info.run_id))
+
+    def _failed(self, engine: Engine, error: BaseException) -> None:
+        if self.cur_run is not None:
+            self.client.set_terminated(self.cur_run.info.run_id, "FAILED")
+            self.cur_run = None
+        raise error
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +98,8 @@ class MLflowModelLogger:
         image_key: the batch key of the images (for the default ``input_shape``).
 
     Raises:
-        RuntimeError: at ``Events.STARTED`` on rank 0 when no ``MLFlowHandler`` is attached to the engine.
+        RuntimeError: before the first iteration, on rank 0, when no :class:`MLflowRunHandler` has published its run
+            on the engine.
     """
 
     def __init__(
@@ -71,21 +121,26 @@ class MLflowModelLogger:
         self.logged = None  # the LoggedModel, after COMPLETED
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._remember_run)
+        # the first iteration starts after every STARTED handler: the run handler has published its run by then
+        engine.add_event_handler(Events.ITERATION_STARTED(once=1), self._remember_run)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._remember_run)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def _remember_run(self, engine: Engine) -> None:
-        if engine.state.epoch <= 1 and engine.state.iteration == 0 and not has_mlflow_handler(engine) and _is_rank0():
+        from monai_kdx.tracking import mlflow_handler_run  # TEMPORARY: MONAI handlers until the bundles switch
+
+        self.run = getattr(engine.state, RUN_STATE, None) or mlflow_handler_run(engine) or self.run
+        if self.run is None and _is_rank0():
             raise RuntimeError(
-                "MLflowModelLogger logs into the run of an MLFlowHandler on the same engine; none is attached."
+                "MLflowModelLogger logs into the run of an MLflowRunHandler attached to the same engine; none is "
+                "attached (or it has not started its run)."
             )
-        # MONAI's handler ends its run (cur_run = None) at COMPLETED, possibly before this handler runs
-        self.run = mlflow_handler_run(engine) or self.run
 
     def completed(self, engine: Engine) -> None:
-        """Log (and register) the model into the remembered run; nothing on ranks without an ``MLFlowHandler``."""
-        run = mlflow_handler_run(engine) or self.run
+        """Log (and register) the model into the run handler's run; nothing on ranks without one."""
+        from monai_kdx.tracking import mlflow_handler_run  # TEMPORARY: MONAI handlers until the bundles switch
+
+        run = getattr(engine.state, RUN_STATE, None) or mlflow_handler_run(engine) or self.run
         if run is None:
             return
         shape = self.input_shape

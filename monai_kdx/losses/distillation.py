@@ -12,6 +12,7 @@ other term only ever sees detached teacher outputs.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_kdx.networks import class_indices
 from monai_kdx.registry import DISTILLATION_LOSSES
+
+from .checks import check_layer_paths, check_positive, check_weight
 
 __all__ = [
     "DistillationTerm",
@@ -66,12 +70,17 @@ class KnowledgeDistillationLoss(DistillationTerm):
     ``(1 − α)·CE(y, z_s) + α·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))``, the KL averaged over the batch
     (``batchmean``). The ``T²`` factor keeps the soft term's gradient scale independent of ``T``.
 
+    Labels are class indices, (B,) or (B, 1); one-hot (B, C) labels are refused (convert them with
+    ``argmax(dim=1)``; soft labels are not a KD target here).
+
     Args:
-        temperature: ``T > 0``; higher values soften both distributions.
+        temperature: ``T > 0``, finite; higher values soften both distributions.
         alpha: weight ``α`` in [0, 1] of the soft (teacher) term; ``1 − α`` weighs the hard labels.
 
     Raises:
-        ValueError: ``temperature <= 0`` or ``alpha`` outside [0, 1].
+        ValueError: ``temperature`` not a finite number > 0 or ``alpha`` outside [0, 1] (NaN included); at call
+            time, labels that are not class indices of shape (B,) or (B, 1) (one-hot, another batch size,
+            fractional values) or that are out of range for the logits' classes.
 
     Example:
         >>> loss = KnowledgeDistillationLoss(temperature=4.0, alpha=0.7)
@@ -80,12 +89,10 @@ class KnowledgeDistillationLoss(DistillationTerm):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.5) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
+        self.temperature = check_positive("temperature", temperature)
+        self.alpha = check_weight("alpha", alpha)
+        if self.alpha > 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha!r}.")
 
     def parts(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> dict:
         """The two weighted parts: ``{"task": (1 − α)·CE, "kd": α·T²·KL}``.
@@ -94,13 +101,19 @@ class KnowledgeDistillationLoss(DistillationTerm):
             student_logits: (B, C).
             teacher_logits: (B, C), no gradient needed.
             target: (B,) class indices, or (B, 1).
+
+        Raises:
+            ValueError: logits of different shapes; labels that are not (B,) or (B, 1) class indices in
+                ``[0, C)`` (e.g. one-hot (B, C) labels).
         """
         if student_logits.shape != teacher_logits.shape:
             raise ValueError(
                 f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
                 "differ: do the two networks predict the same classes?"
             )
-        target = target.reshape(-1).long()
+        target = class_indices(
+            target, student_logits.shape[0], student_logits.shape[1], name="target", device=student_logits.device
+        )
         t = self.temperature
         task = F.cross_entropy(student_logits, target)
         kd = F.kl_div(
@@ -141,20 +154,21 @@ class FeatureHintLoss(DistillationTerm):
         spatial_dims: 2 or 3.
 
     Raises:
-        ValueError: non-positive channels, ``spatial_dims`` not 1/2/3; at call time, maps whose
-            channels or dimensionality do not match the declared ones.
+        ValueError: an empty layer path, channels that are not positive integers, ``spatial_dims`` not 1/2/3;
+            at call time, maps whose channels or dimensionality do not match the declared ones.
     """
 
     def __init__(
         self, student_layer: str, teacher_layer: str, student_channels: int, teacher_channels: int, spatial_dims: int
     ) -> None:
         super().__init__()
-        if spatial_dims not in (1, 2, 3):
-            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
-        if student_channels < 1 or teacher_channels < 1:
-            raise ValueError(f"channels must be positive, got {student_channels} and {teacher_channels}.")
-        self.student_layers = (student_layer,)
-        self.teacher_layers = (teacher_layer,)
+        if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}.")
+        for name, channels in (("student_channels", student_channels), ("teacher_channels", teacher_channels)):
+            if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1:
+                raise ValueError(f"{name} must be a positive integer, got {channels!r}.")
+        self.student_layers = check_layer_paths("student_layer", [student_layer])
+        self.teacher_layers = check_layer_paths("teacher_layer", [teacher_layer])
         self.spatial_dims = spatial_dims
         self.channels = (student_channels, teacher_channels)
         self.adapter = (
@@ -203,31 +217,32 @@ class AttentionTransferLoss(DistillationTerm):
     Args:
         student_layers: module paths in the student.
         teacher_layers: module paths in the teacher, one per student layer.
-        p: exponent of the attention map (2 in the paper).
-        beta: weight ``β``. Each pair's distance between unit-norm maps lies in [0, 2], so ``β = 1`` keeps
-            the term on the scale of the cross-entropy. (The paper's ``β ≈ 10³`` multiplies a mean of squared
-            differences over the map's elements, a far smaller number: used with this norm, such a ``β`` lets
-            the attention term swamp the task and KD terms.)
+        p: exponent of the attention map (2 in the paper), finite and > 0.
+        beta: weight ``β``, finite and >= 0. Each pair's distance between unit-norm maps lies in [0, 2], so
+            ``β = 1`` keeps the term on the scale of the cross-entropy. (The paper's ``β ≈ 10³`` multiplies a mean
+            of squared differences over the map's elements, a far smaller number: used with this norm, such a
+            ``β`` lets the attention term swamp the task and KD terms.)
 
     Raises:
-        ValueError: empty or unequal layer lists, ``p <= 0``.
+        ValueError: empty or unequal layer lists, a layer list given as a single string, ``p`` not a finite number
+            > 0, ``beta`` negative, NaN or infinite.
     """
 
     def __init__(
         self, student_layers: Sequence[str], teacher_layers: Sequence[str], p: float = 2.0, beta: float = 1.0
     ) -> None:
         super().__init__()
+        student_layers = check_layer_paths("student_layers", student_layers)
+        teacher_layers = check_layer_paths("teacher_layers", teacher_layers)
         if not student_layers or len(student_layers) != len(teacher_layers):
             raise ValueError(
                 f"attention transfer pairs layers one to one; got {len(student_layers)} student and "
                 f"{len(teacher_layers)} teacher layers."
             )
-        if not p > 0:
-            raise ValueError(f"p must be > 0, got {p}.")
-        self.student_layers = tuple(student_layers)
-        self.teacher_layers = tuple(teacher_layers)
-        self.p = float(p)
-        self.beta = float(beta)
+        self.student_layers = student_layers
+        self.teacher_layers = teacher_layers
+        self.p = check_positive("p", p)
+        self.beta = check_weight("beta", beta)
 
     def pair(self, student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
         """One pair's ``‖Q_s − Q_t‖₂`` averaged over the batch. Maps: (B, C, *spatial), same dimensionality."""
@@ -267,7 +282,8 @@ class ExplanationDistillationLoss(DistillationTerm):
         target: ``"label"`` or ``"teacher"``.
 
     Raises:
-        ValueError: empty or unequal layer lists, an unknown mode, distance or target.
+        ValueError: empty or unequal layer lists, a layer list given as a single string, an unknown mode,
+            distance or target.
     """
 
     needs_teacher_graph = True
@@ -283,6 +299,8 @@ class ExplanationDistillationLoss(DistillationTerm):
         super().__init__()
         from monai_kdx.explain.cam import CAM_MODES
 
+        student_layers = check_layer_paths("student_layers", student_layers)
+        teacher_layers = check_layer_paths("teacher_layers", teacher_layers)
         if not student_layers or len(student_layers) != len(teacher_layers):
             raise ValueError(
                 f"explanation distillation pairs layers one to one; got {len(student_layers)} student and "
@@ -294,8 +312,8 @@ class ExplanationDistillationLoss(DistillationTerm):
             raise ValueError(f"distance must be 'mse' or 'l1', got {distance!r}.")
         if target not in ("label", "teacher"):
             raise ValueError(f"target must be 'label' or 'teacher', got {target!r}.")
-        self.student_layers = tuple(student_layers)
-        self.teacher_layers = tuple(teacher_layers)
+        self.student_layers = student_layers
+        self.teacher_layers = teacher_layers
         self.mode, self.distance, self.target = mode, distance, target
 
     def from_outputs(self, student: Outputs, teacher: Outputs, target: torch.Tensor) -> torch.Tensor:
@@ -333,13 +351,14 @@ class DistillationLoss(nn.Module):
         terms: name → term (a :class:`DistillationTerm`, or a registered name of one built with
             default arguments). A term returning several parts (the KD term gives ``task`` and
             ``kd``) contributes each of them under its own name.
-        weights: name → weight (default 1) for the terms.
+        weights: name → weight (default 1) for the terms, each a finite number >= 0.
 
     Returns (from ``forward``):
         A dict of scalar tensors: every part, and ``"total"`` (their weighted sum).
 
     Raises:
-        ValueError: no terms, a weight for an unknown term, or two parts with the same name.
+        ValueError: no terms, a weight for an unknown term, a negative, NaN or infinite weight, or two parts with
+            the same name; at call time, labels that are not (B,) or (B, 1) class indices (e.g. one-hot).
 
     Example (bundle YAML):
         distill_loss:
@@ -365,7 +384,7 @@ class DistillationLoss(nn.Module):
         if unknown:
             raise ValueError(f"weights given for unknown terms {unknown}; terms: {sorted(built)}.")
         self.terms = nn.ModuleDict(built)
-        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in built}
+        self.weights = {name: check_weight(f"weights[{name!r}]", (weights or {}).get(name, 1.0)) for name in built}
 
     @property
     def student_layers(self) -> list[str]:
@@ -386,8 +405,12 @@ class DistillationLoss(nn.Module):
         self, student: Outputs, teacher: Outputs, target: torch.Tensor, teacher_graph: Outputs | None = None
     ) -> dict[str, torch.Tensor]:
         """Args: ``student``/``teacher``: ``{"logits": (B, C), <layer path>: (B, C_l, *spatial), ...}``;
-        ``target``: (B,) class indices; ``teacher_graph``: the teacher outputs with their autograd graph,
-        given only to terms with ``needs_teacher_graph`` (default: ``teacher``)."""
+        ``target``: (B,) or (B, 1) class indices (one-hot labels are refused: ValueError naming the expected
+        shape), or None when no term reads labels; ``teacher_graph``: the teacher outputs with their autograd
+        graph, given only to terms with ``needs_teacher_graph`` (default: ``teacher``)."""
+        logits = student.get("logits")
+        if target is not None and isinstance(logits, torch.Tensor) and logits.ndim == 2:
+            target = class_indices(target, logits.shape[0], logits.shape[1], name="target", device=logits.device)
         parts: dict[str, torch.Tensor] = {}
         total = None
         for name, term in self.terms.items():

@@ -17,15 +17,15 @@ captured feature maps of one training forward, the true classes and the target m
 handler :class:`monai_kdx.handlers.saliency.SaliencyGuidance` builds it inside any MONAI trainer; for
 a plain loop, :meth:`SaliencyLoss.context` runs the forward and builds it.
 
-Shapes: inputs (B, C, H, W) in 2D or (B, C, H, W, D) in 3D; target maps (B, 1, H, W) or (B, 1, H, W, D)
-with exactly the input's spatial shape (no broadcasting), non-negative and finite. A sample whose
-target map is all zeros (e.g. no lesion) contributes nothing; losses are means over the other samples,
-and a batch without any annotated sample gives 0 (still connected to the graph, never NaN).
+Shapes: inputs (B, C, H, W) in 2D or (B, C, H, W, D) in 3D, finite (a NaN image would give a finite saliency
+loss with NaN gradients: it is refused); target maps (B, 1, H, W) or (B, 1, H, W, D) with exactly the input's
+spatial shape (no broadcasting), non-negative and finite. A sample whose target map is all zeros (e.g. no
+lesion) contributes nothing; losses are means over the other samples, and a batch without any annotated sample
+gives 0 (still connected to the graph, never NaN).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -36,8 +36,10 @@ from torch import nn
 from monai_kdx.explain.activation import minmax_normalize
 from monai_kdx.explain.cam import CAM_MODES, cam_from_features, stage_layers
 from monai_kdx.metrics.saliency import SALIENCY_EPS, saliency_kl, saliency_sim
-from monai_kdx.networks import FeatureCapture
+from monai_kdx.networks import FeatureCapture, class_indices, float32_or_wider
 from monai_kdx.registry import SALIENCY_LOSSES
+
+from .checks import check_positive, check_weight
 
 __all__ = [
     "SALIENCY_DIVERGENCES",
@@ -47,6 +49,7 @@ __all__ = [
     "SaliencyAlignmentLoss",
     "RightForTheRightReasonsLoss",
     "GAINLoss",
+    "check_inputs",
     "check_target_map",
     "input_gradient_saliency",
     "saliency_divergence",
@@ -131,6 +134,32 @@ def check_target_map(target_map: torch.Tensor, inputs: torch.Tensor, name: str =
     return target_map.to(inputs.device)
 
 
+def check_inputs(inputs: torch.Tensor, name: str = "inputs") -> torch.Tensor:
+    """Refuse images with NaN or infinite values, whose saliency loss can be finite while its gradients are NaN
+    (a min-max normalized map hides the NaN from the loss value, not from the backward pass).
+
+    Args:
+        inputs: (B, C, H, W) or (B, C, H, W, D) images.
+        name: the images' name in error messages (``"batch['image']"`` in a trainer).
+
+    Returns:
+        ``inputs``, unchanged.
+
+    Raises:
+        TypeError: not a tensor.
+        ValueError: NaN or infinite values; the message names the samples.
+    """
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(inputs).__name__}.")
+    bad = ~torch.isfinite(inputs.detach().as_subclass(torch.Tensor).flatten(1)).all(dim=1)
+    if bad.any():
+        raise ValueError(
+            f"{name} has NaN or infinite values (samples {bad.nonzero().flatten().tolist()}): its saliency "
+            "loss would have NaN gradients."
+        )
+    return inputs
+
+
 def _valid_samples(target_map: torch.Tensor) -> torch.Tensor:
     """(B,) True where the (B, 1, *spatial) map is not all zeros."""
     return target_map.detach().flatten(1).amax(dim=1) > 0
@@ -155,16 +184,9 @@ def _masked_mean(per_sample: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def _true_classes(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """(B,) class indices from labels given as (B,), (B, 1) or one-hot (B, num_classes)."""
-    targets = torch.as_tensor(targets, device=logits.device)
-    if targets.ndim == 2 and targets.shape[1] > 1:
-        targets = targets.argmax(dim=1)
-    targets = targets.reshape(-1).long()
-    if targets.numel() != logits.shape[0]:
-        raise ValueError(f"got {targets.numel()} labels for a batch of {logits.shape[0]}.")
-    if ((targets < 0) | (targets >= logits.shape[1])).any():
-        raise ValueError(f"labels {targets.tolist()} out of range for {logits.shape[1]} classes.")
-    return targets
+    """(B,) class indices from labels given as (B,), (B, 1) or one-hot (B, num_classes), checked against the
+    logits (see :func:`monai_kdx.networks.class_indices`)."""
+    return class_indices(targets, logits.shape[0], logits.shape[1], one_hot=True, device=logits.device)
 
 
 def input_gradient_saliency(
@@ -194,11 +216,6 @@ def input_gradient_saliency(
     return grad.abs().sum(dim=1, keepdim=True)
 
 
-def _float32_or_wider(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` in float32, or kept in float64 (losses are summed in full precision under autocast)."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-
-
 def _max_normalize(flat: torch.Tensor) -> torch.Tensor:
     peak = flat.amax(dim=1, keepdim=True)
     return torch.where(peak > 0, flat / peak.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
@@ -215,16 +232,18 @@ def saliency_divergence(
         saliency: (B, 1, H, W) or (B, 1, H, W, D) non-negative saliency.
         target_map: non-negative target of the same shape.
         divergence: ``"kl"``, ``"nss"``, ``"cc"``, ``"sim"`` or ``"mse"``.
-        eps: regularization constant of ``"kl"``.
+        eps: regularization constant of ``"kl"``, a finite number > 0.
 
     Returns:
         (B,) losses; 0 for a sample with an all-zero target map.
 
     Raises:
-        ValueError: an unknown divergence, a shape mismatch, NaN or negative values.
+        ValueError: an unknown divergence, ``eps`` not a finite number > 0, a shape mismatch, NaN or negative
+            values.
     """
     if divergence not in SALIENCY_DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {SALIENCY_DIVERGENCES}.")
+    eps = check_positive("eps", eps)
     if saliency.shape != target_map.shape:
         raise ValueError(
             f"shape mismatch: saliency {tuple(saliency.shape)} vs target_map {tuple(target_map.shape)} "
@@ -296,8 +315,10 @@ class SaliencyLoss(nn.Module):
             Scalar tensor, differentiable with respect to the network's weights.
 
         Raises:
-            ValueError: a bad target map (see :func:`check_target_map`), or a needed feature not captured.
+            ValueError: NaN or infinite inputs (see :func:`check_inputs`), a bad target map (see
+                :func:`check_target_map`), or a needed feature not captured.
         """
+        check_inputs(context.inputs)
         target_map = check_target_map(context.target_map, context.inputs)
         missing = [path for path in self.layers if path not in context.features]
         if missing:
@@ -331,7 +352,11 @@ class SaliencyLoss(nn.Module):
 
         Returns:
             The :class:`SaliencyContext` (logits with graph: use them for the task loss too).
+
+        Raises:
+            ValueError: NaN or infinite inputs, a bad target map (both checked before the forward).
         """
+        check_inputs(inputs)
         check_target_map(target_map, inputs)
         if self.needs_layer_resolution:
             self.resolve_layers(network, inputs)
@@ -341,13 +366,6 @@ class SaliencyLoss(nn.Module):
             logits = network(inputs)
         features = {path: capture[path] for path in self.layers}
         return SaliencyContext(network, inputs, logits, features, targets, target_map)
-
-
-def _check_weight(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
-    return value
 
 
 @SALIENCY_LOSSES.register("alignment")
@@ -371,15 +389,15 @@ class SaliencyAlignmentLoss(SaliencyLoss):
         method: one of :data:`SALIENCY_METHODS`: ``"gradcam"``, ``"gradcam++"``, ``"layercam"``,
             ``"activation"``, ``"input_gradient"`` or ``"lrp"``.
         divergence: one of :data:`SALIENCY_DIVERGENCES`.
-        weight: factor on the loss.
-        eps: regularization constant of the KL divergence.
+        weight: factor on the loss, finite and >= 0.
+        eps: regularization constant of the KL divergence, finite and > 0.
         lrp_composite: the zennit composite of ``method="lrp"`` (see :class:`monai_kdx.explain.LRPAttribution`).
             LRP runs its own forward pass (in eval mode, BatchNorms passing relevance through) and its rules use
             detached copies of the modified weights, so the gradient reaches the weights through the
             activations and the target logit: a training signal, not the exact derivative.
 
     Raises:
-        ValueError: unknown method or divergence, a negative weight.
+        ValueError: unknown method or divergence, a negative, NaN or infinite weight, ``eps`` not a finite number > 0.
 
     Example:
         >>> loss = SaliencyAlignmentLoss("blocks.2", method="gradcam", divergence="kl")
@@ -406,8 +424,8 @@ class SaliencyAlignmentLoss(SaliencyLoss):
         self.layer = layer
         self.method = method
         self.divergence = divergence
-        self.weight = _check_weight("weight", weight)
-        self.eps = float(eps)
+        self.weight = check_weight("weight", weight)
+        self.eps = check_positive("eps", eps)
         self.needs_input_grad = method == "input_gradient"
         self.lrp_composite = lrp_composite
         if method == "lrp":
@@ -495,12 +513,12 @@ class RightForTheRightReasonsLoss(SaliencyLoss):
     to every input channel.
 
     Args:
-        weight: λ, the factor on the penalty (the paper's values are large, e.g. 10 to 1000, for
-            small inputs; the sum grows with the number of voxels).
+        weight: λ, the factor on the penalty, finite and >= 0 (the paper's values are large, e.g. 10 to 1000,
+            for small inputs; the sum grows with the number of voxels).
         map_marks: ``"relevant"`` or ``"irrelevant"``: what the target map marks.
 
     Raises:
-        ValueError: a negative weight or an unknown ``map_marks``.
+        ValueError: a negative, NaN or infinite weight or an unknown ``map_marks``.
     """
 
     needs_input_grad = True
@@ -509,7 +527,7 @@ class RightForTheRightReasonsLoss(SaliencyLoss):
         super().__init__()
         if map_marks not in ("relevant", "irrelevant"):
             raise ValueError(f"map_marks must be 'relevant' or 'irrelevant', got {map_marks!r}.")
-        self.weight = _check_weight("weight", weight)
+        self.weight = check_weight("weight", weight)
         self.map_marks = map_marks
 
     def _from_context(self, context: SaliencyContext) -> torch.Tensor:
@@ -519,12 +537,12 @@ class RightForTheRightReasonsLoss(SaliencyLoss):
         if not context.inputs.requires_grad:
             raise ValueError("RightForTheRightReasonsLoss needs inputs that require grad (see SaliencyLoss.context).")
         with torch.enable_grad():
-            log_probabilities = F.log_softmax(_float32_or_wider(context.logits), dim=1).sum()
+            log_probabilities = F.log_softmax(float32_or_wider(context.logits), dim=1).sum()
             (grad,) = torch.autograd.grad(log_probabilities, context.inputs, create_graph=True, retain_graph=True)
         flat = context.target_map.flatten(1)
         scaled = _max_normalize(flat).view_as(context.target_map)
         mask = 1.0 - scaled if self.map_marks == "relevant" else scaled
-        per_sample = (mask * _float32_or_wider(grad)).pow(2).flatten(1).sum(dim=1)
+        per_sample = (mask * float32_or_wider(grad)).pow(2).flatten(1).sum(dim=1)
         return self.weight * _masked_mean(per_sample, valid)
 
 
@@ -547,14 +565,15 @@ class GAINLoss(SaliencyLoss):
 
     Args:
         layer: module path of the CAM layer.
-        mining_weight: α, weight of the attention-mining term.
-        pixel_weight: weight of the pixel-supervision term.
-        sigma: threshold σ of the soft mask (on the [0, 1] CAM).
-        omega: sharpness ω of the soft mask.
+        mining_weight: α, weight of the attention-mining term, finite and >= 0.
+        pixel_weight: weight of the pixel-supervision term, finite and >= 0.
+        sigma: threshold σ of the soft mask, in [0, 1] (the CAM's range).
+        omega: sharpness ω of the soft mask, finite and > 0.
         method: a CAM mode (default ``"gradcam"``).
 
     Raises:
-        ValueError: an empty layer, an unknown CAM mode, negative weights or ``omega <= 0``.
+        ValueError: an empty layer, an unknown CAM mode, negative, NaN or infinite weights, ``sigma`` outside
+            [0, 1], ``omega`` not a finite number > 0.
     """
 
     def __init__(
@@ -571,12 +590,14 @@ class GAINLoss(SaliencyLoss):
             raise ValueError(f"layer must be a module path (a non-empty string), got {layer!r}.")
         if method not in CAM_MODES:
             raise ValueError(f"unknown CAM mode {method!r}; choose one of {CAM_MODES}.")
-        if not float(omega) > 0:
-            raise ValueError(f"omega must be > 0, got {omega}.")
         self.layer = layer
-        self.mining_weight = _check_weight("mining_weight", mining_weight)
-        self.pixel_weight = _check_weight("pixel_weight", pixel_weight)
-        self.sigma, self.omega, self.method = float(sigma), float(omega), method
+        self.mining_weight = check_weight("mining_weight", mining_weight)
+        self.pixel_weight = check_weight("pixel_weight", pixel_weight)
+        self.sigma = check_weight("sigma", sigma)
+        if self.sigma > 1.0:
+            raise ValueError(f"sigma must be in [0, 1] (the CAM's range), got {sigma!r}.")
+        self.omega = check_positive("omega", omega)
+        self.method = method
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -586,6 +607,7 @@ class GAINLoss(SaliencyLoss):
         """The two terms, unweighted: ``{"mining": ..., "pixel": ...}`` (scalars)."""
         from monai_kdx.networks import unwrap_network
 
+        check_inputs(context.inputs)
         target_map = check_target_map(context.target_map, context.inputs)
         valid = _valid_samples(target_map)
         if not valid.any():
@@ -607,9 +629,9 @@ class GAINLoss(SaliencyLoss):
             inputs = context.inputs[index]
             erased = inputs - soft_mask[index].to(inputs.dtype) * inputs
             erased_logits = unwrap_network(context.network)(erased)
-        probability = F.softmax(_float32_or_wider(erased_logits), dim=1).gather(1, targets[index].view(-1, 1)).mean()
+        probability = F.softmax(float32_or_wider(erased_logits), dim=1).gather(1, targets[index].view(-1, 1)).mean()
         reference = _max_normalize(target_map.flatten(1)).view_as(target_map)
-        pixel = (_float32_or_wider(cam) - reference).pow(2).flatten(1).mean(dim=1)
+        pixel = (float32_or_wider(cam) - reference).pow(2).flatten(1).mean(dim=1)
         return {"mining": probability, "pixel": _masked_mean(pixel, valid)}
 
     def _from_context(self, context: SaliencyContext) -> torch.Tensor:

@@ -1,19 +1,16 @@
-"""Shared ground of the metrics: input validation for (B, 1, *spatial) maps, per-sample flattening and
-ranking, Pearson correlation without NaN, a scoped eval mode, and the base class that turns a per-sample
+"""Shared ground of the metrics: input validation for (B, 1, *spatial) maps, computation in float32 at least,
+per-sample flattening and ranking, Pearson correlation without NaN, and the base class that turns a per-sample
 function into a MONAI cumulative metric."""
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction
-from torch import nn
 
 __all__ = [
     "check_map",
@@ -26,7 +23,6 @@ __all__ = [
     "safe_divide",
     "is_constant",
     "pearson",
-    "eval_mode",
     "MapMetric",
 ]
 
@@ -103,10 +99,11 @@ def check_pair(
     nonnegative_b: bool = False,
     binary_b: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate two batches of maps of identical shape (see :func:`check_map`) and bring them to one dtype.
+    """Validate two batches of maps of identical shape (see :func:`check_map`) and bring them to one dtype of
+    float32 at least (see :func:`monai_kdx.networks.float32_or_wider`): half-precision maps are computed in float32.
 
     Returns:
-        ``(a, b)`` as plain tensors of the promoted floating dtype, each (B, 1, H, W) or (B, 1, H, W, D).
+        ``(a, b)`` as plain tensors of the promoted dtype (float32 or float64), each (B, 1, H, W) or (B, 1, H, W, D).
 
     Raises:
         TypeError, ValueError: as :func:`check_map` and :func:`check_same_shape`.
@@ -114,7 +111,7 @@ def check_pair(
     a = check_map(a, name_a, nonnegative=nonnegative_a)
     b = check_map(b, name_b, nonnegative=nonnegative_b, binary=binary_b)
     check_same_shape(a, b, name_a, name_b)
-    dtype = torch.promote_types(a.dtype, b.dtype)
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     return a.to(dtype), b.to(dtype)
 
 
@@ -190,18 +187,6 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     b = b - b.mean(dim=1, keepdim=True)
     correlation = safe_divide((a * b).sum(dim=1), torch.sqrt((a * a).sum(dim=1) * (b * b).sum(dim=1)))
     return torch.where(constant, torch.zeros_like(correlation), correlation.clamp(-1.0, 1.0))
-
-
-@contextmanager
-def eval_mode(network: nn.Module) -> Iterator[nn.Module]:
-    """Switch every submodule to eval inside the block and restore each module's own mode afterwards."""
-    modes = [(module, module.training) for module in network.modules()]
-    network.eval()
-    try:
-        yield network
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 class MapMetric(CumulativeIterationMetric):

@@ -16,9 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_kdx.networks import resolve_module, unwrap_network
+from monai_kdx.networks import float32_or_wider, resolve_module, unwrap_network
 
-from ._common import average_ranks, check_map, check_pair, descending_ranks, flatten_samples, pearson
+from ._common import (
+    average_ranks,
+    check_map,
+    check_pair,
+    descending_ranks,
+    flatten_samples,
+    is_constant,
+    pearson,
+)
 
 __all__ = [
     "AGREEMENT_METHODS",
@@ -43,16 +51,17 @@ def explanation_agreement(map_a: Any, map_b: Any, method: str = "cc", top_fracti
         * ``"cc"``: Pearson correlation, in [-1, 1].
         * ``"rank"``: Spearman rank correlation, in [-1, 1]; tied values share their average rank.
         * ``"iou_top"``: intersection over union of the two top regions, each the ``k = ceil(top_fraction * N)``
-          (at least 1) most relevant of the N positions (ties: lower flat index first), in [0, 1].
+          (at least 1) most relevant of the N positions (ties: lower flat index first), in [0, 1]; 0 when either
+          map is constant (e.g. all zeros): such a map has no top region to agree on.
 
     Args:
-        map_a: (B, 1, H, W) or (B, 1, H, W, D), any real values.
+        map_a: (B, 1, H, W) or (B, 1, H, W, D), any real values and floating dtype (computed in float32 at least).
         map_b: same shape.
         method: one of :data:`AGREEMENT_METHODS`.
         top_fraction: fraction of positions in the top region for ``"iou_top"``, in (0, 1].
 
     Returns:
-        (B,) agreements; the correlations are 0 when either map is constant.
+        (B,) agreements in float32 (float64 for float64 maps); every method gives 0 when either map is constant.
 
     Raises:
         TypeError: a non-tensor input.
@@ -71,7 +80,8 @@ def explanation_agreement(map_a: Any, map_b: Any, method: str = "cc", top_fracti
         return _spearman(a, b)
     k = max(1, math.ceil(round(top_fraction * a.shape[1], 6)))
     top_a, top_b = descending_ranks(a) < k, descending_ranks(b) < k
-    return (top_a & top_b).sum(dim=1).to(a.dtype) / (top_a | top_b).sum(dim=1)
+    iou = (top_a & top_b).sum(dim=1).to(a.dtype) / (top_a | top_b).sum(dim=1)
+    return torch.where(is_constant(a) | is_constant(b), torch.zeros_like(iou), iou)
 
 
 def randomizable_layers(network: nn.Module) -> list[str]:
@@ -106,7 +116,8 @@ class RandomizationResult:
         layers: module paths in the order they were randomized (cumulatively, output end first).
         similarity: for each path, (B,) Spearman rank correlations between the original map and the map of the
             network whose parameters are randomized from the top down to and including that layer.
-        original: the maps of the trained network, (B, 1, H, W) or (B, 1, H, W, D).
+        original: the maps of the trained network, (B, 1, H, W) or (B, 1, H, W, D), in float32 at least (maps
+            returned in float16 or bfloat16 are converted before ranking).
     """
 
     layers: list[str]
@@ -165,7 +176,7 @@ def randomization_sanity_check(
     expected = (image.shape[0], 1, *image.shape[2:])
 
     def explain(model: nn.Module) -> torch.Tensor:
-        maps = check_map(explain_fn(model, image, target), "explain_fn output").detach()
+        maps = float32_or_wider(check_map(explain_fn(model, image, target), "explain_fn output").detach())
         if maps.shape != expected:
             raise ValueError(f"explain_fn must return maps of shape {expected}, got {tuple(maps.shape)}.")
         return flatten_samples(maps)

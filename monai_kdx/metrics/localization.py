@@ -5,9 +5,13 @@
 * relevance mass accuracy and relevance rank accuracy (Arras et al., "CLEVR-XAI: a benchmark dataset for
   the ground truth evaluation of neural network explanations").
 
-Maps and masks are (B, 1, H, W) in 2D or (B, 1, H, W, D) in 3D; every function returns (B,). An empty mask
-leaves localization undefined: by default it raises ``ValueError`` naming the samples; with
-``ignore_empty=True`` those samples get NaN, which MONAI's reductions skip.
+Maps and masks are (B, 1, H, W) in 2D or (B, 1, H, W, D) in 3D, of any floating dtype (computed in float32 at
+least); every function returns (B,) in float32 (float64 for float64 maps). An empty mask leaves localization
+undefined: by default it raises ``ValueError`` naming the samples; with ``ignore_empty=True`` those samples get
+NaN, which MONAI's reductions skip. A constant attribution map (e.g. an all-zero Grad-CAM) has no maximum and no
+ranking: the pointing game and rank accuracy give it 0, never a hit because the mask happens to cover the first
+positions in row-major order (its relevance mass is 0 when it is all zeros, the mask's share of the positions
+when it is a positive constant).
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ import torch
 import torch.nn.functional as F
 from monai.utils import MetricReduction
 
-from ._common import MapMetric, check_empty_masks, check_pair, descending_ranks, flatten_samples, safe_divide
+from ._common import (
+    MapMetric,
+    check_empty_masks,
+    check_pair,
+    descending_ranks,
+    flatten_samples,
+    is_constant,
+    safe_divide,
+)
 
 __all__ = [
     "pointing_game",
@@ -37,18 +49,18 @@ def _nan_where(values: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
 def pointing_game(attribution: Any, mask: Any, tolerance: int = 0, ignore_empty: bool = False) -> torch.Tensor:
     """Pointing game hit: 1.0 if the attribution's maximum lies in the mask dilated by ``tolerance``, else 0.0.
 
-    The maximum is the first argmax in flattened (row-major) order when several positions tie. The
-    dilation is a square (2D) or cube (3D) neighbourhood: a hit is a mask pixel/voxel within Chebyshev
-    distance ``tolerance`` of the maximum.
+    The maximum is the first argmax in flattened (row-major) order when several positions tie; a constant map
+    (e.g. all zeros) has no maximum and scores 0. The dilation is a square (2D) or cube (3D) neighbourhood: a
+    hit is a mask pixel/voxel within Chebyshev distance ``tolerance`` of the maximum.
 
     Args:
-        attribution: (B, 1, H, W) or (B, 1, H, W, D), any real values.
+        attribution: (B, 1, H, W) or (B, 1, H, W, D), any real values and floating dtype.
         mask: binary (0/1, bool or integer accepted) ground-truth region, same shape.
         tolerance: dilation radius in pixels/voxels, >= 0.
         ignore_empty: give NaN for samples with an empty mask instead of raising.
 
     Returns:
-        (B,) hits (0.0 or 1.0, NaN for ignored empty masks).
+        (B,) hits (0.0 or 1.0; 0.0 for a constant map; NaN for ignored empty masks).
 
     Raises:
         TypeError: a non-tensor input.
@@ -62,8 +74,9 @@ def pointing_game(attribution: Any, mask: Any, tolerance: int = 0, ignore_empty:
     if tolerance > 0:
         pool = F.max_pool2d if mask.ndim == 4 else F.max_pool3d
         mask = pool(mask, kernel_size=2 * int(tolerance) + 1, stride=1, padding=int(tolerance))
-    peak = flatten_samples(attribution).argmax(dim=1, keepdim=True)
-    hit = torch.gather(flatten_samples(mask), 1, peak).squeeze(1)
+    flat = flatten_samples(attribution)
+    hit = torch.gather(flatten_samples(mask), 1, flat.argmax(dim=1, keepdim=True)).squeeze(1)
+    hit = torch.where(is_constant(flat), torch.zeros_like(hit), hit)
     return _nan_where(hit, empty)
 
 
@@ -96,8 +109,8 @@ def relevance_mass(attribution: Any, mask: Any, ignore_empty: bool = False) -> t
 def relevance_rank_accuracy(attribution: Any, mask: Any, ignore_empty: bool = False) -> torch.Tensor:
     """Relevance rank accuracy: with K the mask size, the fraction of the K most relevant positions in the mask.
 
-    Positions of equal relevance are ranked by flat (row-major) index, so a constant map selects the first
-    K positions.
+    Positions of equal relevance are ranked by flat (row-major) index; a constant map (e.g. all zeros) ranks
+    nothing and scores 0.
 
     Args:
         attribution: (B, 1, H, W) or (B, 1, H, W, D), any real values.
@@ -105,7 +118,7 @@ def relevance_rank_accuracy(attribution: Any, mask: Any, ignore_empty: bool = Fa
         ignore_empty: give NaN for samples with an empty mask instead of raising.
 
     Returns:
-        (B,) accuracies in [0, 1].
+        (B,) accuracies in [0, 1]; 0 for a constant map.
 
     Raises:
         TypeError: a non-tensor input.
@@ -116,8 +129,10 @@ def relevance_rank_accuracy(attribution: Any, mask: Any, ignore_empty: bool = Fa
     empty = check_empty_masks(mask, ignore_empty)
     inside = flatten_samples(mask) > 0
     k = inside.sum(dim=1, keepdim=True)
-    top_k = descending_ranks(flatten_samples(attribution)) < k
+    flat = flatten_samples(attribution)
+    top_k = descending_ranks(flat) < k
     accuracy = safe_divide((top_k & inside).sum(dim=1).to(attribution.dtype), k.squeeze(1))
+    accuracy = torch.where(is_constant(flat), torch.zeros_like(accuracy), accuracy)
     return _nan_where(accuracy, empty)
 
 

@@ -3,11 +3,12 @@ density or fixations), with the definitions of Bylinskii et al., "What do differ
 us about saliency models?" (TPAMI 2019): KL divergence, Pearson correlation (CC), similarity (SIM),
 normalized scanpath saliency (NSS) and AUC-Judd.
 
-Every function takes (B, 1, H, W) maps in 2D or (B, 1, H, W, D) in 3D and returns one value per sample,
-(B,). Each has a MONAI cumulative metric class (``y_pred`` = saliency, ``y`` = target or fixation map) for
-``IgniteMetricHandler`` and evaluators.
+Every function takes (B, 1, H, W) maps in 2D or (B, 1, H, W, D) in 3D of any floating dtype and returns one
+value per sample, (B,), computed in float32 (float64 for float64 maps): float16 and bfloat16 maps are converted
+first, since their sums over a map overflow or lose all precision. Each has a MONAI cumulative metric class
+(``y_pred`` = saliency, ``y`` = target or fixation map) for ``IgniteMetricHandler`` and evaluators.
 
-Degenerate inputs give defined values, never NaN:
+Degenerate inputs give defined values in the functions, never NaN:
 
 ==========================  =====  =====  =====  =====  ========
 case                        KL     CC     SIM    NSS    AUC-Judd
@@ -19,10 +20,17 @@ every position fixated      n/a    n/a    n/a    0      0.5
 
 (1) a constant (including all-zero) saliency map is the uniform distribution for KL and SIM, so the value
 is the divergence/similarity of the target to uniform.
+
+The cumulative metric classes differ in one case: a sample whose target or fixation map is all zeros has no
+distribution (or no fixation) to compare with, so they give NaN for it, which MONAI's reductions skip (its
+``not_nans`` count excludes it), as the localization metrics do for empty masks with ``ignore_empty=True``.
+Averaging those samples in as 0 (or 0.5) would pull the mean toward a value no map earned.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -46,6 +54,13 @@ __all__ = [
 
 SALIENCY_EPS = 1e-7
 """Regularization constant of :func:`saliency_kl` (large enough to matter in float32, unlike MATLAB's 2.2e-16)."""
+
+
+def _check_eps(eps: Any) -> float:
+    """``eps`` as a float, refusing anything but a finite number > 0 (0 gives log(0) = -inf for empty positions)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}.")
+    return float(eps)
 
 
 def _as_distribution(flat: torch.Tensor) -> torch.Tensor:
@@ -73,15 +88,17 @@ def saliency_kl(saliency: Any, target_map: Any, eps: float = SALIENCY_EPS) -> to
     Args:
         saliency: non-negative (B, 1, H, W) or (B, 1, H, W, D); a constant map counts as uniform.
         target_map: non-negative reference density (e.g. gaze), same shape.
-        eps: regularization constant, default :data:`SALIENCY_EPS` = 1e-7.
+        eps: regularization constant, a finite number > 0, default :data:`SALIENCY_EPS` = 1e-7.
 
     Returns:
-        (B,) divergences; 0 for an all-zero target map.
+        (B,) divergences; 0 for an all-zero target map (no distribution to diverge from; :class:`SaliencyKLMetric`
+        gives NaN there instead).
 
     Raises:
         TypeError: a non-tensor input.
-        ValueError: wrong shape or ndim, shape mismatch, NaN/inf or negative values.
+        ValueError: wrong shape or ndim, shape mismatch, NaN/inf or negative values, ``eps`` not a finite number > 0.
     """
+    eps = _check_eps(eps)
     s, g, empty = _distributions(saliency, target_map)
     kl = (g * torch.log(eps + g / (s + eps))).sum(dim=1)
     return torch.where(empty, torch.zeros_like(kl), kl)
@@ -95,7 +112,7 @@ def saliency_sim(saliency: Any, target_map: Any) -> torch.Tensor:
         target_map: non-negative reference density, same shape.
 
     Returns:
-        (B,) similarities; 0 for an all-zero target map.
+        (B,) similarities; 0 for an all-zero target map (:class:`SaliencySIMMetric` gives NaN there instead).
 
     Raises:
         TypeError: a non-tensor input.
@@ -114,7 +131,8 @@ def saliency_cc(saliency: Any, target_map: Any) -> torch.Tensor:
         target_map: non-negative reference density, same shape.
 
     Returns:
-        (B,) correlations; 0 when either map is constant (which includes an all-zero target).
+        (B,) correlations; 0 when either map is constant, which includes an all-zero target
+        (:class:`SaliencyCCMetric` gives NaN for an all-zero target instead).
 
     Raises:
         TypeError: a non-tensor input.
@@ -134,7 +152,8 @@ def saliency_nss(saliency: Any, fixation_map: Any) -> torch.Tensor:
         fixation_map: binary (0/1, bool or integer accepted) fixations, same shape.
 
     Returns:
-        (B,) NSS values; 0 for a constant saliency map or an empty fixation map.
+        (B,) NSS values; 0 for a constant saliency map or an empty fixation map (:class:`SaliencyNSSMetric`
+        gives NaN for an empty fixation map instead).
 
     Raises:
         TypeError: a non-tensor input.
@@ -163,7 +182,8 @@ def saliency_auc_judd(saliency: Any, fixation_map: Any) -> torch.Tensor:
 
     Returns:
         (B,) AUC values in [0, 1]; 0.5 for a constant saliency map, an empty fixation map, or a fixation
-        map that covers every position (no negatives to rank against).
+        map that covers every position (no negatives to rank against); :class:`SaliencyAUCJuddMetric` gives NaN
+        for an empty fixation map instead.
 
     Raises:
         TypeError: a non-tensor input.
@@ -191,8 +211,23 @@ def saliency_auc_judd(saliency: Any, fixation_map: Any) -> torch.Tensor:
     return torch.where(degenerate, torch.full_like(auc, 0.5), auc)
 
 
-class SaliencyKLMetric(MapMetric):
+class _SaliencyMetric(MapMetric):
+    """A saliency metric whose samples with an all-zero reference map (``y``) are NaN, skipped by the reduction."""
+
+    def _metric(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B,) values of the functional form."""
+        raise NotImplementedError
+
+    def _per_sample(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        values = self._metric(y_pred, y)  # validates both maps first
+        empty = ~(y.as_subclass(torch.Tensor).flatten(1) != 0).any(dim=1).to(values.device)
+        return torch.where(empty, torch.full_like(values, torch.nan), values)
+
+
+class SaliencyKLMetric(_SaliencyMetric):
     """Cumulative :func:`saliency_kl`: ``y_pred`` saliency, ``y`` target density, (B, 1, H, W[, D]) each.
+
+    A sample with an all-zero target map gives NaN (skipped by the reduction, not counted in ``not_nans``).
 
     Args:
         eps: regularization constant of the divergence.
@@ -207,35 +242,47 @@ class SaliencyKLMetric(MapMetric):
         get_not_nans: bool = False,
     ) -> None:
         super().__init__(reduction=reduction, get_not_nans=get_not_nans)
-        self.eps = eps
+        self.eps = _check_eps(eps)
 
-    def _per_sample(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _metric(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return saliency_kl(y_pred, y, eps=self.eps)
 
 
-class SaliencyCCMetric(MapMetric):
-    """Cumulative :func:`saliency_cc`: ``y_pred`` saliency, ``y`` target density, (B, 1, H, W[, D]) each."""
+class SaliencyCCMetric(_SaliencyMetric):
+    """Cumulative :func:`saliency_cc`: ``y_pred`` saliency, ``y`` target density, (B, 1, H, W[, D]) each.
 
-    def _per_sample(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    A sample with an all-zero target map gives NaN (skipped by the reduction, not counted in ``not_nans``).
+    """
+
+    def _metric(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return saliency_cc(y_pred, y)
 
 
-class SaliencySIMMetric(MapMetric):
-    """Cumulative :func:`saliency_sim`: ``y_pred`` saliency, ``y`` target density, (B, 1, H, W[, D]) each."""
+class SaliencySIMMetric(_SaliencyMetric):
+    """Cumulative :func:`saliency_sim`: ``y_pred`` saliency, ``y`` target density, (B, 1, H, W[, D]) each.
 
-    def _per_sample(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    A sample with an all-zero target map gives NaN (skipped by the reduction, not counted in ``not_nans``).
+    """
+
+    def _metric(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return saliency_sim(y_pred, y)
 
 
-class SaliencyNSSMetric(MapMetric):
-    """Cumulative :func:`saliency_nss`: ``y_pred`` saliency, ``y`` binary fixations, (B, 1, H, W[, D]) each."""
+class SaliencyNSSMetric(_SaliencyMetric):
+    """Cumulative :func:`saliency_nss`: ``y_pred`` saliency, ``y`` binary fixations, (B, 1, H, W[, D]) each.
 
-    def _per_sample(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    A sample with an empty fixation map gives NaN (skipped by the reduction, not counted in ``not_nans``).
+    """
+
+    def _metric(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return saliency_nss(y_pred, y)
 
 
-class SaliencyAUCJuddMetric(MapMetric):
-    """Cumulative :func:`saliency_auc_judd`: ``y_pred`` saliency, ``y`` binary fixations, (B, 1, H, W[, D]) each."""
+class SaliencyAUCJuddMetric(_SaliencyMetric):
+    """Cumulative :func:`saliency_auc_judd`: ``y_pred`` saliency, ``y`` binary fixations, (B, 1, H, W[, D]) each.
 
-    def _per_sample(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    A sample with an empty fixation map gives NaN (skipped by the reduction, not counted in ``not_nans``).
+    """
+
+    def _metric(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return saliency_auc_judd(y_pred, y)

@@ -67,7 +67,8 @@ class FeatureCapture(Mapping[str, Any]):
 
     Used as a context manager; it is a read-only mapping from path to the captured tensor (for a
     convolutional layer, shape (B, C, H, W) in 2D or (B, C, H, W, D) in 3D). A module called more
-    than once in one forward keeps its last call. Paths are validated at construction.
+    than once in one forward keeps its last call, or, with ``every_call=True``, the list of all its calls' tensors.
+    Paths are validated at construction.
 
     Args:
         network: the model (a DDP/DataParallel wrapper is unwrapped; ``module.`` prefixes accepted).
@@ -75,6 +76,8 @@ class FeatureCapture(Mapping[str, Any]):
             empty list captures nothing).
         capture: ``"output"`` for what the module returns, ``"input"`` for its first positional input.
         detach: store detached tensors (cheaper when no gradient is needed through them).
+        every_call: keep a list of every call's tensor per path (a module reused within the forward, e.g. a shared
+            activation) instead of the last one.
 
     Raises:
         ValueError: an unknown path (with close matches) or a bad ``capture``.
@@ -86,7 +89,12 @@ class FeatureCapture(Mapping[str, Any]):
     """
 
     def __init__(
-        self, network: nn.Module, layers: str | Sequence[str], capture: str = "output", detach: bool = False
+        self,
+        network: nn.Module,
+        layers: str | Sequence[str],
+        capture: str = "output",
+        detach: bool = False,
+        every_call: bool = False,
     ) -> None:
         if capture not in ("output", "input"):
             raise ValueError(f"capture must be 'output' or 'input', got {capture!r}.")
@@ -94,6 +102,7 @@ class FeatureCapture(Mapping[str, Any]):
         self.modules = {path: resolve_module(network, path) for path in self.layers}
         self.capture = capture
         self.detach = detach
+        self.every_call = every_call
         self._features: dict[str, Any] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -102,7 +111,10 @@ class FeatureCapture(Mapping[str, Any]):
             value = output if self.capture == "output" else inputs[0]
             if self.detach and isinstance(value, torch.Tensor):
                 value = value.detach()
-            self._features[path] = value
+            if self.every_call:
+                self._features.setdefault(path, []).append(value)
+            else:
+                self._features[path] = value
 
         return store
 

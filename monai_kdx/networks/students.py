@@ -1,4 +1,4 @@
-"""Compact students for distillation, in 2D and 3D, and their size (parameters, MACs).
+"""Compact students for distillation, in 2D and 3D.
 
 - :class:`ShallowCNN`: the research idea's shallow student — five 3×3 conv blocks with max-pooling,
   a small residual block and a dense head; module paths ``blocks.0`` … ``blocks.4``, ``residual``,
@@ -17,9 +17,7 @@ from monai.networks.layers.factories import Conv, Norm, Pool
 from monai.networks.nets import DenseNet, ResNet
 from torch import nn
 
-from .capture import unwrap_network
-
-__all__ = ["ShallowCNN", "densenet_student", "resnet_student", "count_parameters", "count_macs"]
+__all__ = ["ResidualBlock", "ShallowCNN", "densenet_student", "resnet_student"]
 
 NORMS = ("batch", "instance", "group")
 """Normalization layers :class:`ShallowCNN` accepts."""
@@ -34,7 +32,10 @@ def _norm_layer(norm: str, spatial_dims: int, channels: int) -> nn.Module:
     return nn.GroupNorm(math.gcd(channels, 8), channels)
 
 
-class _ResidualBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """``relu(x + body(x))`` with ``body`` = conv → norm → ReLU → conv → norm (3×3, same width); input and output
+    (B, C, *spatial)."""
+
     def __init__(self, spatial_dims: int, channels: int, norm: str = "batch") -> None:
         super().__init__()
         conv = Conv[Conv.CONV, spatial_dims]
@@ -109,7 +110,7 @@ class ShallowCNN(nn.Module):
             )
             previous = width
         self.blocks = nn.Sequential(*blocks)
-        self.residual = _ResidualBlock(spatial_dims, previous, norm)
+        self.residual = ResidualBlock(spatial_dims, previous, norm)
         self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
         layers: list[nn.Module] = [nn.Flatten()]
         if hidden:
@@ -166,48 +167,3 @@ def resnet_student(
         conv1_t_size=3,
         conv1_t_stride=2,
     )
-
-
-def count_parameters(network: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (optionally only those with ``requires_grad``)."""
-    return sum(p.numel() for p in unwrap_network(network).parameters() if p.requires_grad or not trainable_only)
-
-
-def count_macs(network: nn.Module, input_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of one forward pass for one input of ``input_shape`` (C, *spatial),
-    counted over convolutions and linear layers (the dominant cost; norms and activations ignored).
-
-    Args:
-        network: the model (evaluated in eval mode, restored afterwards, without gradients).
-        input_shape: e.g. ``(1, 64, 64, 64)``.
-    """
-    model = unwrap_network(network)
-    total = 0
-
-    def conv_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        kernel = int(torch.tensor(module.kernel_size).prod())
-        total += output.numel() * (module.in_channels // module.groups) * kernel
-
-    def linear_hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        total += output.numel() * module.in_features
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(linear_hook))
-    was_training = model.training
-    try:
-        model.eval()
-        parameter = next(model.parameters(), None)
-        device = parameter.device if parameter is not None else "cpu"
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return total

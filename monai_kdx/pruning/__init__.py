@@ -27,7 +27,6 @@ from .relevance import (
     collect_relevance,
     prunable_layers,
     resolve_relevance_method,
-    split_batch,
 )
 
 __all__ = [
@@ -40,7 +39,6 @@ __all__ = [
     "check_ratio",
     "find_head",
     "prunable_layers",
-    "split_batch",
     "resolve_relevance_method",
     "RelevanceMethod",
     "BatchRelevance",

@@ -21,18 +21,20 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from monai_kdx.networks import check_network_spec, set_network_spec, unwrap_network
-
-from .relevance import (
-    _device_of,
-    _is_iterator,
-    _plain,
-    collect_relevance,
-    eval_mode,
-    prunable_layers,
-    resolve_relevance_method,
+from monai_kdx.networks import (
+    as_plain_tensor,
+    check_network_input,
+    check_network_spec,
+    device_of,
+    resolve_module,
+    restore_mode,
+    set_network_spec,
     split_batch,
+    trace_network,
+    unwrap_network,
 )
+
+from .relevance import _is_iterator, collect_relevance, prunable_layers, resolve_relevance_method
 
 __all__ = ["RelevanceImportance", "check_prunable", "check_ratio", "prune_by_relevance", "find_head"]
 
@@ -128,31 +130,20 @@ def _is_conv_or_linear(module: nn.Module) -> bool:
 
 
 def find_head(network: nn.Module, example_inputs: torch.Tensor) -> str:
-    """Path of the classifier head: the linear layer (or, without one, the convolution) that runs last.
+    """Path of the classifier head: the linear layer (or, without one, the convolution) that runs last (see
+    :meth:`monai_kdx.networks.NetworkTrace.head`).
 
     Args:
-        network: the model (run once on ``example_inputs`` in eval mode, without gradients; modes restored).
+        network: the model (run once on the first sample of ``example_inputs`` in eval mode; modes restored).
         example_inputs: e.g. (1, C_in, H, W) or (1, C_in, H, W, D).
+
+    Raises:
+        ValueError: the network has no convolution or linear layer ("nothing to prune").
     """
-    model = unwrap_network(network)
-    order: list[str] = []
-    handles = []
-    for path, module in model.named_modules():
-        if _is_conv_or_linear(module):
-            handles.append(module.register_forward_hook(lambda m, i, o, path=path: order.append(path)))
     try:
-        with eval_mode(model), torch.no_grad():
-            model(example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    modules = dict(model.named_modules())
-    linears = [path for path in order if isinstance(modules[path], nn.Linear)]
-    if linears:
-        return linears[-1]
-    if order:
-        return order[-1]
-    raise ValueError(f"{type(model).__name__} has no Conv1d/2d/3d or Linear layer: nothing to prune.")
+        return trace_network(unwrap_network(network), example_inputs).head()
+    except ValueError as error:
+        raise ValueError(f"{error} Nothing to prune.") from None
 
 
 def _residual_unet_layer(model: nn.Module) -> str | None:
@@ -205,7 +196,7 @@ def _build_graph(model: nn.Module, example_inputs: torch.Tensor):
             "a ResidualUnit; its concatenated skip connections cannot be traced). The network was not changed."
         )
     try:
-        with eval_mode(model):
+        with restore_mode(model):
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     except Exception as error:
         raise _unsupported(model, error) from error
@@ -221,8 +212,6 @@ def _resolve_ignored(model: nn.Module, ignored_layers: Iterable[Any] | None) -> 
     result = []
     for item in ignored_layers:
         if isinstance(item, str):
-            from monai_kdx.networks import resolve_module
-
             module = resolve_module(model, item)  # ValueError with close matches
             result.append(paths[module])
         elif isinstance(item, nn.Module):
@@ -313,7 +302,8 @@ def check_prunable(
             else check_ratio(ratio)
         )
     model = copy.deepcopy(unwrap_network(network))
-    example_inputs = _plain(example_inputs).to(_device_of(model))
+    example_inputs = as_plain_tensor(example_inputs).to(device_of(model))
+    check_network_input(model, example_inputs, "example inputs")
     return _plan(model, example_inputs, _resolve_ignored(model, ignored_layers), ratio)[1]
 
 
@@ -398,8 +388,6 @@ def prune_by_relevance(
     builder_spec = None if builder is None else check_network_spec(builder)
     model = unwrap_network(network)
     if isinstance(ratios, Mapping):
-        from monai_kdx.networks import resolve_module
-
         for path in ratios:
             resolve_module(model, path)  # ValueError naming the path, with close matches
     needs_data = relevance is None and not getattr(scorer, "data_free", False)
@@ -413,16 +401,18 @@ def prune_by_relevance(
         if first is None:
             raise ValueError("the calibration loader is empty: pruning by relevance needs at least one batch.")
         if example_inputs is None:
-            example_inputs = _plain(split_batch(first)[0])[:1]
+            example_inputs = as_plain_tensor(split_batch(first)[0])[:1]
+            check_network_input(model, example_inputs, "calibration images")
     elif needs_data:
         raise ValueError(f"relevance method {method!r} needs a calibration loader, got None.")
     if example_inputs is None:
         raise ValueError("example_inputs is needed when no calibration loader is given.")
+    check_network_input(model, as_plain_tensor(example_inputs).to(device_of(model)), "example inputs")
 
     # ---- from here on only the copy is touched
     pruned = copy.deepcopy(model)
-    device = _device_of(pruned)
-    example_inputs = _plain(example_inputs).to(device)
+    device = device_of(pruned)
+    example_inputs = as_plain_tensor(example_inputs).to(device)
     ignored = _resolve_ignored(pruned, ignored_layers)
     # ValueError naming the layer for unsupported models and for layers the ratio would empty
     head, _ = _plan(pruned, example_inputs, ignored, ratios if not global_pruning else None)
@@ -430,7 +420,7 @@ def prune_by_relevance(
     layers = prunable_layers(pruned)
     if relevance is not None:
         relevance = _check_relevance(relevance, layers)
-    with eval_mode(pruned), torch.no_grad():
+    with restore_mode(pruned), torch.no_grad():
         reference = pruned(example_inputs)
 
     if relevance is None:
@@ -443,7 +433,7 @@ def prune_by_relevance(
         kwargs["pruning_ratio_dict"] = {modules[path]: value for path, value in ratios.items()}
     else:
         kwargs["pruning_ratio"] = ratios
-    with eval_mode(pruned):
+    with restore_mode(pruned):
         try:
             pruner = tp.pruner.MetaPruner(
                 pruned,
@@ -501,7 +491,7 @@ def _check_result(pruned: nn.Module, example_inputs: torch.Tensor, reference: to
                     "smaller ratio, per-layer pruning, or add the layer to ignored_layers. The network was not changed."
                 )
     try:
-        with eval_mode(pruned), torch.no_grad():
+        with restore_mode(pruned), torch.no_grad():
             output = pruned(example_inputs)
     except Exception as error:
         raise ValueError(

@@ -9,10 +9,10 @@ Built-in methods, registered by name in :data:`monai_kdx.registry.RELEVANCE_METH
 ================ =========================================================================== ==================
 name             channel score (``a``: layer output, ``R``: relevance at it)                  cost per batch
 ================ =========================================================================== ==================
-``"lrp"``        zennit LRP (``EpsilonPlusFlat``, conv → batch norm folded): Σ |R|            1 forward + 1 back
+``"lrp"``        LRP (``epsilon_plus_flat``, conv → batch norm folded, residuals split): Σ |R|  1 forward + 1 back
 ``"taylor"``     first-order Taylor (Molchanov et al. 2017): |Σ_spatial a · ∂y_t/∂a|         1 forward + 1 back
 ``"ig"``         integrated gradients at every layer (layer conductance): Σ |cond|            n_steps + 1 passes
-``"backtrace"``  DL-Backtrace-style proportional (z+) propagation: Σ |R|                     ~3 forwards + 1 back
+``"backtrace"``  DL-Backtrace-style proportional propagation (LRP, z+ everywhere): Σ |R|     1 forward + 1 back
 ``"magnitude"``  L1 norm of the layer's weights (data-free baseline)                          none
 ``"random"``     seeded uniform random scores (baseline)                                     none
 ================ =========================================================================== ==================
@@ -20,7 +20,9 @@ name             channel score (``a``: layer output, ``R``: relevance at it)    
 Sums run over spatial positions and calibration samples. All layers are scored by the same passes
 (hooks on every layer at once, never a loop over layers). The explained class is the true label by
 default (``target="label"``) or the predicted class (``target="pred"``); every sample contributes
-one unit of relevance at its target logit for ``"lrp"`` and ``"backtrace"``.
+one unit of relevance at its target logit for ``"lrp"`` and ``"backtrace"``, which both run on the one LRP
+backend of :mod:`monai_kdx.explain.lrp` (the same rules, BatchNorm merge and residual canonizer as the
+explanations).
 
 During collection the network is switched to eval mode (batch norm on running statistics, dropout
 off) and each module's mode is restored afterwards; hooks are removed; gradients are taken with
@@ -38,8 +40,7 @@ Add a method with::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monai_kdx.networks import unwrap_network
+from monai_kdx.networks import (
+    FeatureCapture,
+    as_plain_tensor,
+    class_indices,
+    device_of,
+    resolve_targets,
+    restore_mode,
+    split_batch,
+    unwrap_network,
+)
 from monai_kdx.registry import RELEVANCE_METHODS
 
 __all__ = [
@@ -61,9 +71,7 @@ __all__ = [
     "RandomRelevance",
     "collect_relevance",
     "prunable_layers",
-    "split_batch",
     "resolve_relevance_method",
-    "eval_mode",
 ]
 
 _TARGETS = ("label", "pred")
@@ -90,64 +98,11 @@ def prunable_layers(network: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def split_batch(batch: Any) -> tuple[torch.Tensor, Any]:
-    """Image and label of a calibration batch.
-
-    Args:
-        batch: a MONAI dict batch with ``"image"`` (and ``"label"``), an ``(image, label)`` pair, or an image tensor.
-
-    Returns:
-        ``(image, label)``; ``label`` is None when the batch has none.
-
-    Raises:
-        TypeError: a batch of another kind.
-    """
-    if isinstance(batch, Mapping):
-        if "image" not in batch:
-            raise TypeError(f"a dict calibration batch needs an 'image' key; it has {sorted(map(str, batch))}.")
-        return batch["image"], batch.get("label")
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    raise TypeError(
-        f"calibration batches must be dicts with 'image' and 'label', (image, label) pairs or tensors, "
-        f"got {type(batch).__name__}."
-    )
-
-
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain tensor (MONAI ``MetaTensor`` metadata dropped)."""
-    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else torch.as_tensor(tensor)
-
-
-def _label_indices(label: Any, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Class indices (B,) from labels given as (B,), (B, 1), one-hot (B, K) or a Python sequence."""
-    label = _plain(label) if isinstance(label, torch.Tensor) else torch.as_tensor(label)
-    label = label.to(device)
-    if label.ndim == 2 and label.shape[1] > 1:  # one-hot / probabilities
-        label = label.argmax(dim=1)
-    label = label.reshape(-1)
-    if label.numel() != batch_size:
-        raise ValueError(f"labels have {label.numel()} entries for a batch of {batch_size} images.")
-    if label.is_floating_point():
-        label = label.round()
-    return label.long()
-
-
 def _logits(output: Any) -> torch.Tensor:
     if not isinstance(output, torch.Tensor) or output.ndim != 2:
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise TypeError(f"relevance needs a classifier returning logits of shape (B, num_classes), got {shape}.")
     return output
-
-
-def _resolve_target(logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-    if target is None:
-        return logits.detach().argmax(dim=1)
-    if target.min() < 0 or target.max() >= logits.shape[1]:
-        raise ValueError(f"labels {target.tolist()} outside the {logits.shape[1]} classes of the network output.")
-    return target
 
 
 def _channel_sum(tensor: torch.Tensor, module: nn.Module, absolute: bool = True) -> torch.Tensor:
@@ -162,43 +117,8 @@ def _channel_sum(tensor: torch.Tensor, module: nn.Module, absolute: bool = True)
     return tensor.reshape(tensor.shape[0], tensor.shape[1], -1).sum(-1)
 
 
-@contextmanager
-def eval_mode(network: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode, and restore each module's own mode on exit."""
-    modes = [(module, module.training) for module in network.modules()]
-    try:
-        network.eval()
-        yield network
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-@contextmanager
-def _capture_outputs(layers: Mapping[str, nn.Module], transform=None) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Forward hooks storing each layer's output (every call); ``transform(module, inputs, output)`` may replace it."""
-    store: dict[str, list[torch.Tensor]] = {path: [] for path in layers}
-    handles = []
-
-    def hook_for(path: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
-            if transform is not None:
-                output = transform(module, inputs, output)
-            store[path].append(output)
-            return output if transform is not None else None
-
-        return hook
-
-    try:
-        for path, module in layers.items():
-            handles.append(module.register_forward_hook(hook_for(path)))
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _flatten(store: Mapping[str, list[torch.Tensor]]) -> tuple[list[str], list[torch.Tensor]]:
+    """Every captured output that is part of the graph, with its layer path (a path repeats per call)."""
     paths, tensors = [], []
     for path, outputs in store.items():
         for output in outputs:
@@ -220,13 +140,8 @@ def _sum_per_layer(
     for path, module in layers.items():
         if path not in result:
             width = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-            result[path] = torch.zeros(batch_size, width, device=_device_of(module))
+            result[path] = torch.zeros(batch_size, width, device=device_of(module))
     return {path: result[path].detach() for path in layers}
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -285,9 +200,9 @@ class TaylorRelevance(RelevanceMethod):
     def __call__(self, network, layers, image, target):
         with torch.enable_grad():
             x = image.detach().requires_grad_(True)
-            with _capture_outputs(layers) as store:
+            with FeatureCapture(network, list(layers), every_call=True) as store:
                 logits = _logits(network(x))
-            target = _resolve_target(logits, target)
+            target = resolve_targets(target, logits, name="label")
             score = logits.gather(1, target[:, None]).sum()
             paths, tensors = _flatten(store)
             grads = torch.autograd.grad(score, tensors, allow_unused=True) if tensors else []
@@ -304,103 +219,61 @@ class TaylorRelevance(RelevanceMethod):
 
 @RELEVANCE_METHODS.register("lrp")
 class LRPRelevance(RelevanceMethod):
-    """Layer-wise relevance propagation with zennit: relevance at each layer's output, ``Σ_spatial |R|``.
+    """Layer-wise relevance propagation: relevance at each layer's output, ``Σ_spatial |R|``.
 
-    The default composite is zennit's ``EpsilonPlusFlat`` (flat rule for the first layer, z+ for convolutions,
-    epsilon for dense layers, pass-through for activations and unmerged batch norms, norm rule for average pooling and
-    sums) with a ``NamedMergeBatchNorm`` canonizer that folds every batch norm reading a convolution's output directly
-    into that convolution for the duration of the call (pairs found by tracing one forward; zennit's
-    ``SequentialMergeBatchNorm`` pairs by definition order and fails on MONAI's DenseNet). Every sample starts with
-    unit relevance at its target logit; the relevance arriving at a layer's output during zennit's modified backward
-    is read for all layers in the same single backward pass (zennit's rules pass relevance as the gradient).
+    The rules come from the one LRP backend (:func:`monai_kdx.explain.lrp_composite`): the composite (default
+    ``epsilon_plus_flat``: flat rule for the first layer, z+ for convolutions, epsilon for dense layers,
+    pass-through for activations and unmerged batch norms, norm rule for average pooling), every batch norm that
+    reads a convolution's output directly folded into it (pairs traced from the autograd graph), and residual
+    additions (MONAI ResNet blocks, the students' residual block) split in proportion to their summands, so
+    relevance is conserved across residual blocks. Every sample starts with unit relevance at its target logit; the
+    relevance arriving at a layer's output during zennit's modified backward is read for all layers in the same
+    single backward pass (zennit's rules pass relevance as the gradient).
 
     Args:
-        composite: a zennit composite name (``zennit.composites.COMPOSITES``, e.g. ``"epsilon_plus_flat"``,
-            ``"epsilon_alpha2_beta1_flat"``) or a zero-argument callable returning a ``zennit.core.Composite``.
-        composite_kwargs: extra keyword arguments of the named composite (e.g. ``{"epsilon": 1e-6}``).
-        merge_batchnorm: fold conv → batch norm pairs (see above) for a named composite.
+        composite: a composite name of :data:`monai_kdx.explain.LRP_COMPOSITES` (e.g. ``"epsilon_plus_flat"``,
+            ``"epsilon_alpha2_beta1_flat"``, ``"zplus"``).
+        composite_kwargs: options of the composite (``epsilon``, ``gamma``, ``stabilizer``, ``zero_bias``, ...).
+        merge_batchnorm: fold conv → batch norm pairs for the duration of the call.
         absolute: sum ``|R|`` (default) or the signed relevance (for conservation checks).
+
+    Raises:
+        ValueError: an unknown composite (the valid ones are listed).
     """
 
     def __init__(
         self,
-        composite: Any = "epsilon_plus_flat",
+        composite: str = "epsilon_plus_flat",
         composite_kwargs: Mapping[str, Any] | None = None,
         merge_batchnorm: bool = True,
         absolute: bool = True,
     ) -> None:
+        from monai_kdx.explain.lrp import LRP_COMPOSITES
+
+        if composite not in LRP_COMPOSITES:
+            raise ValueError(f"unknown LRP composite {composite!r}; valid composites: {list(LRP_COMPOSITES)}.")
         self.composite = composite
         self.composite_kwargs = dict(composite_kwargs or {})
         self.merge_batchnorm = merge_batchnorm
         self.absolute = absolute
-        self._pairs: tuple[tuple[int, ...], list[tuple[list[str], str]]] | None = None
-
-    def _batchnorm_pairs(self, network: nn.Module, image: torch.Tensor) -> list[tuple[list[str], str]]:
-        """(conv path, batch-norm path) pairs where the batch norm reads the convolution's output directly, found by
-        tracing one forward (zennit's ``SequentialMergeBatchNorm`` pairs modules by definition order, which is wrong for
-        MONAI's DenseNet, where a dense layer's last convolution is followed by the next layer's batch norm)."""
-        key = tuple(id(module) for module in network.modules())
-        if self._pairs is not None and self._pairs[0] == key:
-            return self._pairs[1]
-        outputs: dict[str, torch.Tensor] = {}
-        pairs: dict[str, list[str]] = {}
-        calls: dict[str, int] = {}
-        handles = []
-        names = {module: name for name, module in network.named_modules()}
-
-        def conv_hook(module, inputs, output):
-            outputs[names[module]] = output
-
-        def norm_hook(module, inputs):
-            calls[names[module]] = calls.get(names[module], 0) + 1
-            for conv_path, output in outputs.items():
-                if inputs[0] is output:
-                    pairs[names[module]] = [conv_path]
-
-        try:
-            for module in network.modules():
-                if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-                    handles.append(module.register_forward_hook(conv_hook))
-                elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                    handles.append(module.register_forward_pre_hook(norm_hook))
-            with torch.no_grad():
-                network(image[:1])
-        finally:
-            for handle in handles:
-                handle.remove()
-        merged = [(convs, norm) for norm, convs in pairs.items() if calls.get(norm) == 1]
-        self._pairs = (key, merged)
-        return merged
-
-    def _make_composite(self, network: nn.Module, image: torch.Tensor):
-        from monai_kdx.explain.zennit_backend import import_zennit
-
-        import_zennit()
-        if callable(self.composite) and not isinstance(self.composite, str):
-            return self.composite()
-        from zennit.canonizers import NamedMergeBatchNorm
-        from zennit.composites import COMPOSITES
-
-        if self.composite not in COMPOSITES:
-            raise KeyError(f"unknown zennit composite {self.composite!r}; known: {sorted(COMPOSITES)}.")
-        kwargs = dict(self.composite_kwargs)
-        if self.merge_batchnorm:
-            pairs = self._batchnorm_pairs(network, image)
-            if pairs:
-                kwargs["canonizers"] = [NamedMergeBatchNorm(pairs), *kwargs.get("canonizers", [])]
-        return COMPOSITES[self.composite](**kwargs)
 
     def __call__(self, network, layers, image, target):
-        composite = self._make_composite(network, image)
+        from monai_kdx.explain.lrp import lrp_composite
+
+        composite = lrp_composite(
+            network, image, self.composite, merge_batchnorm=self.merge_batchnorm, **self.composite_kwargs
+        )
         with torch.enable_grad():
             x = image.detach().requires_grad_(True)
             # layer hooks first, then zennit's: the captured tensors are the layers' own outputs
-            with _capture_outputs(layers) as store, composite.context(network) as modified:
+            with (
+                FeatureCapture(network, list(layers), every_call=True) as store,
+                composite.context(network) as modified,
+            ):
                 logits = _logits(modified(x))
-                target = _resolve_target(logits, target)
+                target = resolve_targets(target, logits, name="label")
                 seed = F.one_hot(target, logits.shape[1]).to(logits.dtype)
                 paths, tensors = _flatten(store)
-                # zennit's rules return relevance as the gradient: the gradient at a layer output is its relevance
                 grads = torch.autograd.grad(logits, tensors, grad_outputs=seed, allow_unused=True) if tensors else []
         values = [
             None if grad is None else _channel_sum(grad, layers[path], absolute=self.absolute)
@@ -408,6 +281,24 @@ class LRPRelevance(RelevanceMethod):
         ]
         relevance = _sum_per_layer(layers, paths, values, x.shape[0])
         return BatchRelevance(relevance, target, logits.shape[1])
+
+
+@RELEVANCE_METHODS.register("backtrace")
+class BacktraceRelevance(LRPRelevance):
+    """DL-Backtrace-style proportional propagation, as an LRP composite: the z+ rule on every convolution and
+    linear layer, ``R_i = Σ_j (z_ij⁺ / Σ_k z_kj⁺) · R_j`` with ``z⁺`` the positive contributions of positive inputs
+    and the negative-weight contributions of negative inputs (the bias receives nothing, so relevance is conserved
+    layer to layer), batch norms passing relevance through unchanged, every other operation (pooling, residual sums)
+    splitting it in proportion to its inputs. Channel score: ``Σ_spatial |R|``.
+
+    Args:
+        stabilizer: floor of the positive-contribution denominators.
+        absolute: sum ``|R|`` (default) or the signed relevance (for conservation checks).
+    """
+
+    def __init__(self, stabilizer: float = 1e-9, absolute: bool = True) -> None:
+        options = {"stabilizer": stabilizer, "zero_bias": True}
+        super().__init__("zplus", options, merge_batchnorm=False, absolute=absolute)
 
 
 @RELEVANCE_METHODS.register("ig")
@@ -442,7 +333,7 @@ class IntegratedGradientsRelevance(RelevanceMethod):
         batch = image.shape[0]
         if target is None:
             with torch.no_grad():
-                target = _resolve_target(_logits(network(image)), None)
+                target = resolve_targets(None, _logits(network(image)))
         alphas = torch.linspace(0.0, 1.0, self.n_steps + 1, dtype=image.dtype, device=image.device)
         per_chunk = max(1, self.internal_batch_size // batch)
         baseline = torch.full_like(image, self.baseline)
@@ -456,10 +347,10 @@ class IntegratedGradientsRelevance(RelevanceMethod):
             x = (baseline.unsqueeze(0) + chunk.view(shape) * (image - baseline).unsqueeze(0)).flatten(0, 1)
             with torch.enable_grad():
                 x.requires_grad_(True)
-                with _capture_outputs(layers) as store:
+                with FeatureCapture(network, list(layers), every_call=True) as store:
                     logits = _logits(network(x))
                 num_outputs = logits.shape[1]
-                _resolve_target(logits[:batch], target)  # validates the labels
+                resolve_targets(target, logits[:batch], name="label")  # validates the labels
                 score = logits.gather(1, target.repeat(steps)[:, None]).sum()
                 paths, tensors = _flatten(store)
                 grads = torch.autograd.grad(score, tensors, allow_unused=True) if tensors else []
@@ -484,73 +375,6 @@ class IntegratedGradientsRelevance(RelevanceMethod):
             values.append(_channel_sum(conductance, layers[path], absolute=self.absolute))
         relevance = _sum_per_layer(layers, keyed_paths, values, batch)
         return BatchRelevance(relevance, target, num_outputs)
-
-
-@RELEVANCE_METHODS.register("backtrace")
-class BacktraceRelevance(RelevanceMethod):
-    """DL-Backtrace-style proportional propagation (a z+ rule), without zennit.
-
-    Relevance is propagated backward in proportion to positive contributions: through a convolution or linear layer
-    with inputs ``x_i``, weights ``w_ij`` and contributions ``z_ij = x_i · w_ij``,
-    ``R_i = Σ_j (max(z_ij, 0) / Σ_k max(z_kj, 0)) · R_j`` (the bias receives nothing, so relevance is conserved layer
-    to layer); batch norms pass relevance unchanged; every other operation (ReLU, pooling, concatenation, residual
-    sums) splits it in proportion to its inputs' values. Implemented with the gradient × input identity: forward hooks
-    keep each output's value but reroute its gradient, and the relevance of a tensor ``t`` is ``t · ∂/∂t``. Each
-    sample starts with unit relevance at its target logit. Channel score: ``Σ_spatial |R|``.
-
-    Args:
-        stabilizer: floor of the positive-contribution denominators.
-        absolute: sum ``|R|`` (default) or the signed relevance (for conservation checks).
-    """
-
-    def __init__(self, stabilizer: float = 1e-9, absolute: bool = True) -> None:
-        self.stabilizer = stabilizer
-        self.absolute = absolute
-
-    def _reroute(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = inputs[0]
-        if not (isinstance(output, torch.Tensor) and isinstance(x, torch.Tensor) and x.requires_grad):
-            return output
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            denominator = torch.where(x >= 0, x.detach() + self.stabilizer, x.detach() - self.stabilizer)
-            ratio = output.detach() / denominator
-            return output.detach() + (x - x.detach()) * ratio
-        weight = module.weight
-        if isinstance(module, nn.Linear):
-            linear = F.linear
-        else:
-
-            def linear(inp, w):
-                return module._conv_forward(inp, w, None)
-
-        positive = linear(x.clamp(min=0), weight.clamp(min=0).detach())
-        if bool((x < 0).any()):
-            positive = positive + linear(x.clamp(max=0), weight.clamp(max=0).detach())
-        ratio = output.detach() / positive.detach().clamp(min=self.stabilizer)
-        return output.detach() + (positive - positive.detach()) * ratio
-
-    def __call__(self, network, layers, image, target):
-        norms = {
-            f"__bn__{path}": module
-            for path, module in unwrap_network(network).named_modules()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        }
-        with torch.enable_grad():
-            x = image.detach().requires_grad_(True)
-            with _capture_outputs({**layers, **norms}, transform=self._reroute) as store:
-                logits = _logits(network(x))
-            target = _resolve_target(logits, target)
-            picked = logits.detach().gather(1, target[:, None])
-            stabilized = torch.where(picked >= 0, picked + self.stabilizer, picked - self.stabilizer)
-            seed = F.one_hot(target, logits.shape[1]).to(logits.dtype) / stabilized  # R(target logit) = 1
-            paths, tensors = _flatten({path: store[path] for path in layers})
-            grads = torch.autograd.grad(logits, tensors, grad_outputs=seed, allow_unused=True) if tensors else []
-        values = [
-            None if grad is None else _channel_sum(tensor.detach() * grad, layers[path], absolute=self.absolute)
-            for path, tensor, grad in zip(paths, tensors, grads, strict=True)
-        ]
-        relevance = _sum_per_layer(layers, paths, values, x.shape[0])
-        return BatchRelevance(relevance, target, logits.shape[1])
 
 
 @RELEVANCE_METHODS.register("magnitude")
@@ -662,7 +486,7 @@ def collect_relevance(
 
     if loader is None:
         raise ValueError(f"relevance method {method!r} needs a calibration loader, got None.")
-    device = _device_of(model)
+    device = device_of(model)
     totals: dict[str, torch.Tensor] = {}
     seen = 0
     iterator: Iterable[Any] = loader
@@ -672,17 +496,17 @@ def collect_relevance(
         tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
         if has_tqdm:
             iterator = tqdm(loader, desc=f"relevance ({method if isinstance(method, str) else type(method).__name__})")
-    with eval_mode(model):
+    with restore_mode(model):
         for batch in iterator:
             if max_batches is not None and seen >= max_batches:
                 break
             image, label = split_batch(batch)
-            image = _plain(image).to(device)
+            image = as_plain_tensor(image).to(device)
             labels = None
             if target == "label":
                 if label is None:
                     raise ValueError("target='label' needs labelled batches ('label' key or (image, label) pairs).")
-                labels = _label_indices(label, image.shape[0], device)
+                labels = class_indices(label, image.shape[0], one_hot=True, device=device)
             result = scorer(model, layers, image, labels)
             for path, value in result.relevance.items():
                 value = value.detach().double()

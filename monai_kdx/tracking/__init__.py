@@ -8,6 +8,7 @@ from .models import LoggedModel, load_classifier, log_classifier
 from .runs import (
     PARENT_TAG,
     STAGE_TAG,
+    artifact_location,
     child_runs,
     end_run,
     experiment_id,
@@ -29,6 +30,7 @@ __all__ = [
     "log_classifier",
     "PARENT_TAG",
     "STAGE_TAG",
+    "artifact_location",
     "child_runs",
     "end_run",
     "experiment_id",

@@ -9,10 +9,13 @@ name to the bundle as ``run_name``: every ``MLFlowHandler`` of the stage's engin
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "artifact_location",
     "PARENT_TAG",
     "STAGE_TAG",
     "experiment_id",
@@ -37,12 +40,27 @@ def _client(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
+    """Where a new experiment's artifacts go: next to an embedded SQLite store (``<store folder>/mlartifacts/<name>``,
+    so everything a run writes stays under its output folder, whatever the working directory), or None for a
+    tracking server (it decides, e.g. through its artifact proxy)."""
+    from urllib.parse import quote
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    folder = os.path.dirname(os.path.abspath(tracking_uri[len("sqlite:///") :]))
+    return Path(folder, "mlartifacts", quote(experiment_name, safe="")).as_uri()
+
+
 def experiment_id(tracking_uri: str, experiment_name: str) -> str:
-    """The id of an experiment, created if it does not exist."""
+    """The id of an experiment, created if it does not exist (with its artifacts next to an embedded store, see
+    :func:`artifact_location`)."""
     client = _client(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        return client.create_experiment(experiment_name)
+        return client.create_experiment(
+            experiment_name, artifact_location=artifact_location(tracking_uri, experiment_name)
+        )
     if experiment.lifecycle_stage == "deleted":
         client.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id

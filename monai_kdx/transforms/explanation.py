@@ -19,6 +19,7 @@ from torch import nn
 
 from monai_kdx.explain.base import build_explainer
 from monai_kdx.explain.cam import HierarchicalCAM
+from monai_kdx.networks import class_indices
 
 __all__ = [
     "HierarchicalExplanationd",
@@ -45,7 +46,7 @@ def _sample_target(data: Mapping[Hashable, Any], target_key: str | None, class_i
         return class_idx
     if target_key not in data:
         raise KeyError(f"target_key {target_key!r} is not in the data (keys: {sorted(map(str, data))}).")
-    return int(torch.as_tensor(data[target_key]).reshape(-1)[0])
+    return int(class_indices(data[target_key], 1, name=f"data[{target_key!r}]")[0])
 
 
 class _ExplanationTransform(MapTransform):
@@ -186,7 +187,9 @@ class Attributiond(_ExplanationTransform):
 class ExplanationFaithfulnessd(MapTransform):
     """Deletion and insertion AUC (:func:`monai_kdx.metrics.deletion_auc`, :func:`~monai_kdx.metrics.insertion_auc`)
     of an explanation map of one sample, written as scalars under ``"{key}_deletion_auc"`` and
-    ``"{key}_insertion_auc"`` (lower deletion and higher insertion AUC: a more faithful map).
+    ``"{key}_insertion_auc"`` (lower deletion and higher insertion AUC: a more faithful map). With
+    ``random_map=True`` the same areas of a uniform random map of the same image are written under
+    ``"{key}_random_deletion_auc"`` and ``"{key}_random_insertion_auc"``: the reference a map must beat.
 
     Args:
         keys: the map key(s); each map is (1, *spatial).
@@ -196,6 +199,10 @@ class ExplanationFaithfulnessd(MapTransform):
             :class:`HierarchicalExplanationd`, or ``"label"``).
         steps: perturbation steps.
         device: where to run the network.
+        baseline: what replaces removed positions: a number, or ``"blur"``, ``"noise"``, ``"road"`` (see
+            :mod:`monai_kdx.metrics.faithfulness`).
+        random_map: also score a uniform random map (seeded by ``seed``).
+        seed: seed of the random map and of the ``"noise"``/``"road"`` baselines.
     """
 
     def __init__(
@@ -206,10 +213,18 @@ class ExplanationFaithfulnessd(MapTransform):
         class_key: str = "label",
         steps: int = 20,
         device: str | torch.device | None = None,
+        baseline: float | str = 0.0,
+        random_map: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__(keys)
+        from monai_kdx.metrics.faithfulness import BASELINES
+
+        if isinstance(baseline, str) and baseline not in BASELINES:
+            raise ValueError(f"baseline must be a number or one of {BASELINES}, got {baseline!r}.")
         self.network, self.image_key, self.class_key, self.steps = network, image_key, class_key, steps
         self.device = torch.device(device) if device is not None else None
+        self.baseline, self.random_map, self.seed = baseline, bool(random_map), int(seed)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from monai_kdx.metrics import deletion_auc, insertion_auc
@@ -219,14 +234,20 @@ class ExplanationFaithfulnessd(MapTransform):
             if name not in d:
                 raise KeyError(f"{name!r} is not in the data (keys: {sorted(map(str, d))}).")
         image = torch.as_tensor(d[self.image_key]).float().unsqueeze(0)
-        target = torch.as_tensor(d[self.class_key]).reshape(-1)[:1].long()
+        target = class_indices(d[self.class_key], 1, name=f"data[{self.class_key!r}]")
         if self.device is not None:
             image, target = image.to(self.device), target.to(self.device)
         for key in self.key_iterator(d):
-            attribution = torch.as_tensor(d[key]).float().unsqueeze(0).to(image.device)
-            for kind, metric in (("deletion", deletion_auc), ("insertion", insertion_auc)):
-                value = metric(self.network, image, attribution, target, steps=self.steps)
-                d[f"{key}_{kind}_auc"] = value[0].detach().cpu()
+            maps = {key: torch.as_tensor(d[key]).float().unsqueeze(0).to(image.device)}
+            if self.random_map:
+                generator = torch.Generator().manual_seed(self.seed)
+                maps[f"{key}_random"] = torch.rand(maps[key].shape, generator=generator).to(image.device)
+            for name, attribution in maps.items():
+                for kind, metric in (("deletion", deletion_auc), ("insertion", insertion_auc)):
+                    value = metric(
+                        self.network, image, attribution, target, self.steps, self.baseline, seed=self.seed
+                    )
+                    d[f"{name}_{kind}_auc"] = value[0].detach().cpu()
         return d
 
 

@@ -16,8 +16,9 @@ or (B, 1, H, W, D) images with their lesion masks and labels:
 A ``random`` baseline row (uniform noise maps) is added by default: localization and faithfulness are only
 meaningful relative to it.
 
-:func:`run_comparison` is the one-call form behind ``monai-kdx compare-explanations``: generate a dataset kind,
-train the bundles' teacher briefly (or load a checkpoint), compare the methods on test images with lesions.
+:func:`monai_kdx.apps.compare_explanations.run_comparison` is the application behind ``monai-kdx
+compare-explanations``: it generates a dataset kind, trains the bundles' teacher briefly (or loads a checkpoint) and
+calls :func:`compare_explainers` on test images with lesions.
 
 Example:
     >>> rows = compare_explainers(network, images, masks, labels, methods=["gradcam", "occlusion"])
@@ -27,11 +28,9 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from monai_kdx.networks import load_weights, num_classes_of, unwrap_network
+from monai_kdx.networks import class_indices, num_classes_of, timed, unwrap_network
 from monai_kdx.registry import EXPLAINERS
+from monai_kdx.reporting import bar_panels, markdown_table, write_json
 
 from .base import build_explainer, check_inputs
 from .cam import stage_layers
@@ -49,18 +49,12 @@ from .cam import stage_layers
 __all__ = [
     "METRICS",
     "RANDOM_BASELINE",
-    "PRESETS",
     "ExplainerComparison",
     "check_methods",
     "compare_explainers",
     "comparison_markdown",
-    "dataset_tensors",
     "default_options",
     "plot_comparison",
-    "run_comparison",
-    "teacher_network",
-    "student_network",
-    "train_classifier",
     "write_report",
 ]
 
@@ -74,33 +68,6 @@ METRICS: dict[str, tuple[str, bool]] = {
     "insertion_auc": ("insertion AUC ↑", True),
     "randomization_similarity": ("randomization similarity ↓", False),
     "seconds_per_image": ("s / image ↓", False),
-}
-
-# Settings of run_comparison per dataset kind. The full run fits in about 10 minutes on 2 CPU cores for both
-# kinds together; at these small sizes the default lesions would be 1-2 pixels wide, so they are enlarged.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "full": {
-        "chest-xray-2d": {"spatial_size": 64, "n": 240, "epochs": 12, "knobs": {"lesion_size": (10.0, 20.0)}},
-        "brain-mri-3d": {
-            "spatial_size": 32,
-            "n": 240,
-            "epochs": 12,
-            "knobs": {"lesion_size": (20.0, 32.0), "lesion_contrast": (0.4, 0.8)},
-        },
-        "retina-2d": {"spatial_size": 64, "n": 240, "epochs": 12, "knobs": {}},
-        "settings": {"n_images": 24, "sanity_images": 4, "faithfulness_steps": 20, "network": "teacher"},
-    },
-    "quick": {
-        "chest-xray-2d": {"spatial_size": 32, "n": 24, "epochs": 1, "knobs": {"lesion_size": (20.0, 30.0)}},
-        "brain-mri-3d": {
-            "spatial_size": 32,
-            "n": 24,
-            "epochs": 1,
-            "knobs": {"lesion_size": (20.0, 32.0), "lesion_contrast": (0.4, 0.8)},
-        },
-        "retina-2d": {"spatial_size": 32, "n": 24, "epochs": 1, "knobs": {}},
-        "settings": {"n_images": 2, "sanity_images": 1, "faithfulness_steps": 5, "network": "student"},
-    },
 }
 
 
@@ -162,13 +129,8 @@ def _check_data(
     masks = masks.to(images.dtype)
     if not masks.flatten(1).any(dim=1).any():
         raise ValueError("every mask is empty: localization needs at least one image with a lesion.")
-    labels = torch.as_tensor(labels, device=images.device).reshape(-1)
-    if labels.is_floating_point() or labels.numel() != images.shape[0]:
-        raise ValueError(f"labels must be {images.shape[0]} integer class indices, got {tuple(labels.shape)}.")
-    num_classes = num_classes_of(network)
-    if ((labels < 0) | (labels >= (num_classes or math.inf))).any():
-        raise ValueError(f"labels {labels.tolist()} out of range for a network with {num_classes} classes.")
-    return images, masks, labels.long()
+    labels = class_indices(labels, images.shape[0], num_classes_of(network), name="labels", device=images.device)
+    return images, masks, labels
 
 
 def _cascade_layers(network: nn.Module, example: torch.Tensor) -> list[str]:
@@ -275,9 +237,9 @@ def compare_explainers(
                 explainer = build_explainer(name, network, **opts)
                 parts, seconds = [], []
                 for i in range(images.shape[0]):
-                    start = time.perf_counter()
-                    parts.append(explainer.attribute(images[i : i + 1], labels[i : i + 1]).detach())
-                    seconds.append(time.perf_counter() - start)
+                    part, elapsed = timed(lambda e=explainer, i=i: e.attribute(images[i : i + 1], labels[i : i + 1]))
+                    parts.append(part.detach())
+                    seconds.append(elapsed)
                 maps = torch.cat(parts).to(images.dtype)
             if not torch.isfinite(maps).all():
                 raise ValueError("the maps hold NaN or infinite values.")
@@ -352,20 +314,21 @@ def _highlights(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def comparison_markdown(comparisons: Sequence[ExplainerComparison], title: str | None = None) -> str:
     """A markdown report: per comparison, its details, one table row per method and the highlights."""
     lines = [f"# {title}", ""] if title else []
-    columns = ["method", *(t for t, _ in METRICS.values()), "options"]
+    headers = ["method", *(t for t, _ in METRICS.values()), "options"]
     for comparison in comparisons:
         lines += [f"## {comparison.name}", ""]
         lines += [f"- {key}: {value}" for key, value in comparison.details.items()]
-        lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        table = []
         for row in comparison.rows:
             if row["error"] is not None:
-                cells = [f"failed: {row['error']}".replace("|", "/")] + [""] * (len(METRICS) - 1)
+                cells = [f"failed: {row['error']}"] + [""] * (len(METRICS) - 1)
             else:
                 cells = [_cell(row[key], key) for key in METRICS]
             baseline = row["method"] == RANDOM_BASELINE
             options = "baseline: uniform noise maps" if baseline else _options_text(row["options"])
-            lines.append("| " + " | ".join([row["method"], *cells, options]) + " |")
-        lines += [""] + [f"- {line}" for line in _highlights(comparison.rows)] + [""]
+            table.append([row["method"], *cells, options])
+        lines += ["", markdown_table(headers, table), ""]
+        lines += [f"- {line}" for line in _highlights(comparison.rows)] + [""]
     return "\n".join(lines)
 
 
@@ -376,56 +339,21 @@ def plot_comparison(comparisons: Sequence[ExplainerComparison], path: str | os.P
     Returns:
         The path of the written PNG.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     methods: list[str] = []
     for comparison in comparisons:
         methods += [r["method"] for r in comparison.rows if r["method"] not in (*methods, RANDOM_BASELINE)]
-    keys = list(METRICS)
-    columns = 3
-    fig, axes = plt.subplots(math.ceil(len(keys) / columns), columns, figsize=(6 * columns, 4.2 * 2), squeeze=False)
-    width = 0.8 / max(1, len(comparisons))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, key in zip(axes.flat, keys, strict=False):
-        for k, comparison in enumerate(comparisons):
-            color = colors[k % len(colors)]
+    panels, baselines = [], []
+    for key, (title, _) in METRICS.items():
+        series, random = {}, {}
+        for comparison in comparisons:
             values = {r["method"]: r[key] for r in comparison.rows}
-            heights = [values.get(m, math.nan) for m in methods]
-            positions = [i + (k - (len(comparisons) - 1) / 2) * width for i in range(len(methods))]
-            ax.bar(positions, heights, width=width, label=comparison.name, color=color)
-            baseline = values.get(RANDOM_BASELINE, math.nan)
-            if key != "seconds_per_image" and math.isfinite(baseline):
-                ax.axhline(baseline, color=color, linestyle="--", linewidth=1, label=f"{comparison.name}: random")
-        ax.set_title(METRICS[key][0])
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels(methods, rotation=45, ha="right", fontsize=8)
-        if key == "seconds_per_image":
-            ax.set_yscale("log")
-        ax.grid(axis="y", alpha=0.3)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
-    return value
+            series[comparison.name] = [values.get(m, math.nan) for m in methods]
+            if key != "seconds_per_image":
+                random[comparison.name] = values.get(RANDOM_BASELINE, math.nan)
+        panels.append((title, series))
+        baselines.append(random)
+    log_scale = [key == "seconds_per_image" for key in METRICS]
+    return bar_panels(panels, methods, path, baselines=baselines, baseline_name=RANDOM_BASELINE, log_scale=log_scale)
 
 
 def write_report(
@@ -444,177 +372,5 @@ def write_report(
     paths = {key: out / f"{stem}.{suffix}" for key, suffix in (("markdown", "md"), ("png", "png"), ("json", "json"))}
     paths["markdown"].write_text(comparison_markdown(comparisons, title) + "\n", encoding="utf-8")
     plot_comparison(comparisons, paths["png"])
-    payload = [{"name": c.name, "details": c.details, "rows": c.rows} for c in comparisons]
-    paths["json"].write_text(json.dumps(_jsonable(payload), indent=2), encoding="utf-8")
+    write_json(paths["json"], [{"name": c.name, "details": c.details, "rows": c.rows} for c in comparisons])
     return paths
-
-
-def teacher_network(kind: str, spatial_dims: int | None = None) -> nn.Module:
-    """The bundles' teacher for a dataset kind: MONAI ``DenseNet121(init_features=16, growth_rate=8)`` with one
-    input channel and one output per class (checkpoints of ``train_teacher.yaml`` load into it)."""
-    from monai.networks.nets import DenseNet121
-
-    from monai_kdx.data import class_names
-    from monai_kdx.data.synthetic import get_generator
-
-    dims = spatial_dims or get_generator(kind).spatial_dims
-    return DenseNet121(
-        spatial_dims=dims, in_channels=1, out_channels=len(class_names(kind)), init_features=16, growth_rate=8
-    )
-
-
-def student_network(kind: str) -> nn.Module:
-    """A small :class:`~monai_kdx.networks.ShallowCNN` (three blocks of 8, 16, 16 channels) for a dataset kind: the
-    network of the quick comparison, where speed matters more than accuracy."""
-    from monai_kdx.data import class_names
-    from monai_kdx.data.synthetic import get_generator
-    from monai_kdx.networks import ShallowCNN
-
-    dims = get_generator(kind).spatial_dims
-    return ShallowCNN(dims, 1, len(class_names(kind)), channels=(8, 16, 16), hidden=16, dropout=0.0)
-
-
-def dataset_tensors(kind: str, n: int, seed: int = 0, **knobs: Any) -> dict[str, Any]:
-    """Generate ``n`` samples of ``kind`` as tensors, each image normalized to zero mean and unit variance
-    (as the bundles' ``NormalizeIntensityd``).
-
-    Returns:
-        ``images`` (n, 1, *spatial), ``masks`` (n, 1, *spatial), ``labels`` (n,), ``splits`` (n names).
-    """
-    from monai_kdx.data import generate_dataset
-
-    samples = generate_dataset(kind, n=n, seed=seed, **knobs)
-    images = torch.stack([torch.as_tensor(s.image, dtype=torch.float32)[None] for s in samples])
-    dims = tuple(range(1, images.ndim))
-    images = (images - images.mean(dim=dims, keepdim=True)) / images.std(dim=dims, keepdim=True).clamp_min(1e-8)
-    masks = torch.stack([torch.as_tensor(s.mask)[None] for s in samples]).float()
-    labels = torch.tensor([int(s.label) for s in samples])
-    return {"images": images, "masks": masks, "labels": labels, "splits": [s.split for s in samples]}
-
-
-def train_classifier(
-    network: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    epochs: int,
-    batch_size: int = 8,
-    learning_rate: float = 1e-3,
-    seed: int = 0,
-) -> nn.Module:
-    """Train ``network`` in place with Adam and cross-entropy (random flips along the first spatial axis),
-    under ``seed`` in a forked RNG; returns it in eval mode."""
-    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network.train()
-        for _ in range(int(epochs)):
-            order = torch.randperm(images.shape[0])
-            for start in range(0, len(order), batch_size):
-                index = order[start : start + batch_size]
-                if len(index) < 2:  # BatchNorm needs two samples
-                    continue
-                x = images[index]
-                flip = torch.rand(len(index)) < 0.5
-                x = torch.where(flip.view(-1, *[1] * (x.ndim - 1)), x.flip(2), x)
-                optimizer.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(network(x), labels[index]).backward()
-                optimizer.step()
-    return network.eval()
-
-
-def _accuracy(network: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    with torch.no_grad():
-        predictions = torch.cat([network(images[i : i + 16]).argmax(1) for i in range(0, len(images), 16)])
-    return float((predictions == labels).float().mean())
-
-
-def run_comparison(
-    kind: str,
-    quick: bool = False,
-    checkpoint: str | os.PathLike | None = None,
-    methods: Sequence[str] | None = None,
-    n_images: int | None = None,
-    spatial_size: int | None = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> ExplainerComparison:
-    """Generate data of ``kind``, train the bundles' teacher briefly (or load ``checkpoint``), and compare the
-    methods on test images with lesions, each explained for its true class.
-
-    Args:
-        kind: a dataset kind (``chest-xray-2d``, ``brain-mri-3d``, ``retina-2d``).
-        quick: the tiny preset (a small student network, seconds, for tests) instead of the full one (see
-            :data:`PRESETS`).
-        checkpoint: a ``train_teacher.yaml`` checkpoint to explain instead of training (the dataset's default
-            lesion settings are then used, so the images match what it was trained on).
-        methods: registered explainer names (``None``: all).
-        n_images: test images to explain (default from the preset).
-        spatial_size: image side length (default from the preset).
-        seed: dataset, training and randomization seed.
-        progress: progress bar over the methods.
-
-    Raises:
-        ValueError: an unknown kind or method, or no test image with a lesion; before any training.
-        FileNotFoundError: ``checkpoint`` does not exist.
-    """
-    from monai_kdx.data.synthetic import get_generator
-
-    generator = get_generator(kind)  # ValueError naming the valid kinds
-    preset_name = "quick" if quick else "full"
-    preset, settings = PRESETS[preset_name].get(kind), PRESETS[preset_name]["settings"]
-    preset = preset or {"spatial_size": 64 if generator.spatial_dims == 2 else 32, "n": 120, "epochs": 12, "knobs": {}}
-    methods = check_methods(methods)
-    if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"no checkpoint at {os.fspath(checkpoint)!r}.")
-    size = spatial_size or preset["spatial_size"]
-    count = n_images or settings["n_images"]
-    knobs = {} if checkpoint is not None else dict(preset["knobs"])
-    data = dataset_tensors(kind, preset["n"], seed=seed, spatial_size=size, **knobs)
-    test = torch.tensor([s == "test" for s in data["splits"]])
-    with_lesion = torch.nonzero(test & data["masks"].flatten(1).any(dim=1)).flatten()[:count]
-    if len(with_lesion) == 0:
-        raise ValueError(f"no test image with a lesion among {preset['n']} samples of {kind!r}.")
-    use_teacher = checkpoint is not None or settings["network"] == "teacher"
-    with torch.random.fork_rng(devices=[]):  # the same seed gives the same initial weights
-        torch.manual_seed(seed)
-        network = teacher_network(kind) if use_teacher else student_network(kind)
-    start = time.perf_counter()
-    if checkpoint is not None:
-        load_weights(network, os.fspath(checkpoint)).eval()
-        source = f"checkpoint {os.fspath(checkpoint)}"
-    else:
-        train_classifier(network, data["images"][~test], data["labels"][~test], preset["epochs"], seed=seed)
-        source = f"trained here: {preset['epochs']} epochs on {int((~test).sum())} images (Adam, lr 1e-3, batch 8)"
-    train_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    rows = compare_explainers(
-        network,
-        data["images"][with_lesion],
-        data["masks"][with_lesion],
-        data["labels"][with_lesion],
-        methods,
-        default_options(generator.spatial_dims, quick),
-        faithfulness_steps=settings["faithfulness_steps"],
-        sanity_images=settings["sanity_images"],
-        seed=seed,
-        progress=progress,
-    )
-    shape = "×".join([str(size)] * generator.spatial_dims)
-    details = {
-        "network": "MONAI DenseNet121(init_features=16, growth_rate=8), the bundles' teacher"
-        if use_teacher
-        else "ShallowCNN(channels=(8, 16, 16)), a small student (quick mode)",
-        "threads": torch.get_num_threads(),
-        "weights": source,
-        "test accuracy": f"{_accuracy(network, data['images'][test], data['labels'][test]):.3f} "
-        f"on {int(test.sum())} test images",
-        "images explained": f"{len(with_lesion)} test images with a lesion, {shape}, each for its true class",
-        "dataset": f"{kind}, n={preset['n']}, seed={seed}" + (f", {knobs}" if knobs else ""),
-        "metrics": "pointing game with tolerance 1 pixel/voxel; "
-        f"deletion/insertion with {settings['faithfulness_steps']} "
-        "steps to a 0 baseline (the image mean); randomization: absolute Spearman similarity after "
-        f"re-initializing the head and every stage, on {min(settings['sanity_images'], len(with_lesion))} image(s); "
-        "s / image: median of one-image calls",
-        "seconds": f"training {train_seconds:.1f}, comparison {time.perf_counter() - start:.1f}",
-    }
-    return ExplainerComparison(kind, rows, details)
