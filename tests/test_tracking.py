@@ -112,7 +112,7 @@ def test_model_logger_without_mlflow_handler_fails_before_training(tmp_path):
         decollate=False,
     )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: iterations.append(1))
-    with pytest.raises(RuntimeError, match="MLFlowHandler"):
+    with pytest.raises(RuntimeError, match="MLflowRunHandler attached to the same engine"):
         trainer.run()
     assert not iterations
 

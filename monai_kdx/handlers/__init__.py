@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .budget import STOP_REASONS, TrainingBudget
 from .guards import FiniteGuard
 from .output_transforms import scalars, stacked
 from .progress import ProgressBar
@@ -10,6 +11,8 @@ from .saliency import SaliencyGuidance
 from .tracking import MLflowModelLogger, MLflowRunHandler
 
 __all__ = [
+    "STOP_REASONS",
+    "TrainingBudget",
     "FiniteGuard",
     "MLflowModelLogger",
     "MLflowRunHandler",

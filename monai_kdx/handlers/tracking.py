@@ -9,7 +9,7 @@ DDP the run handler exists on rank 0 only, so the other ranks log nothing. In a 
     model_logger:
       _target_: monai_kdx.handlers.MLflowModelLogger
       path: $os.path.join(@ckpt_dir, 'model.pt')
-      builder: "@student_builder"
+      builder: "@student_def"  # the plain spec {network: ShallowCNN, ...} that rebuilds the state dict
       registered_model_name: brain_mri_3d_student
     train#trainer#train_handlers: "$@train#handlers + [@model_logger]"
 """

@@ -384,6 +384,7 @@ def _register_builtins() -> None:
         hidden=Integer(0, 4096),
         dropout=Real(0.0, 1.0),
         norm=Choice(NORMS),
+        stem_stride=Integer(1, 8),
     )
     register_network(
         "densenet_student",

@@ -57,7 +57,12 @@ class ShallowCNN(nn.Module):
     global average pooling and a dense head.
 
     Input (B, C_in, H, W) or (B, C_in, H, W, D); output logits (B, out_channels). Block ``i`` outputs
-    (B, channels[i], H/2^(i+1), …).
+    (B, channels[i], H/(s·2^(i+1)), …) with ``s = stem_stride``.
+
+    With ``stem_stride=2`` the first convolution downsamples as DenseNet's stem does: the first block, the most
+    expensive one at full resolution, costs a quarter (2D) or an eighth (3D), and so do its explanation's
+    forward and backward passes; with four blocks its deepest level keeps 1/32 of the input size, like a
+    DenseNet121's last dense block.
 
     Args:
         spatial_dims: 2 or 3.
@@ -66,6 +71,7 @@ class ShallowCNN(nn.Module):
         channels: output channels of each conv block (its length is the number of blocks).
         hidden: width of the dense head's hidden layer (0: a single linear layer).
         dropout: dropout before the last linear layer.
+        stem_stride: stride of the first block's convolution (1: full resolution, the research idea's student).
         norm: normalization after each convolution: ``"batch"`` (BatchNorm, the default), ``"instance"``
             (InstanceNorm with learned affine parameters) or ``"group"`` (GroupNorm, ``gcd(channels, 8)``
             groups). Instance and group norms compute their statistics per sample, so the output of a sample
@@ -76,7 +82,7 @@ class ShallowCNN(nn.Module):
             count is kept), not ``"instance"``.
 
     Raises:
-        ValueError: ``spatial_dims`` not 2 or 3, no conv block, or an unknown ``norm``.
+        ValueError: ``spatial_dims`` not 2 or 3, no conv block, a ``stem_stride`` < 1, or an unknown ``norm``.
     """
 
     def __init__(
@@ -88,8 +94,11 @@ class ShallowCNN(nn.Module):
         hidden: int = 32,
         dropout: float = 0.2,
         norm: str = "batch",
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
+        if isinstance(stem_stride, bool) or not isinstance(stem_stride, int) or stem_stride < 1:
+            raise ValueError(f"stem_stride must be an integer >= 1, got {stem_stride!r}.")
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if not channels:
@@ -99,10 +108,11 @@ class ShallowCNN(nn.Module):
         conv = Conv[Conv.CONV, spatial_dims]
         pool = Pool[Pool.MAX, spatial_dims]
         blocks, previous = [], in_channels
-        for width in channels:
+        for index, width in enumerate(channels):
+            stride = stem_stride if index == 0 else 1
             blocks.append(
                 nn.Sequential(
-                    conv(previous, width, 3, padding=1, bias=False),
+                    conv(previous, width, 3, stride=stride, padding=1, bias=False),
                     _norm_layer(norm, spatial_dims, width),
                     nn.ReLU(inplace=True),
                     pool(2),
