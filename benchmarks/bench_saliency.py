@@ -88,8 +88,7 @@ def _with_and_without(bundle: str, quick: bool, shortcut_p: float = 0.0) -> dict
 
     dims = BUNDLES[bundle]
     settings: dict[str, Any] = dict(QUICK) if quick else {}
-    student_def = {"_target_": "monai_kdx.networks.ShallowCNN", "spatial_dims": dims, "in_channels": 1,
-                   "out_channels": "@num_classes"}  # fmt: skip
+    student_def = {"network": "ShallowCNN", "spatial_dims": dims, "in_channels": 1, "out_channels": "@num_classes"}
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as folder:
         settings.update(output_dir=folder, dataset_dir=os.path.join(folder, "data"))
@@ -99,7 +98,7 @@ def _with_and_without(bundle: str, quick: bool, shortcut_p: float = 0.0) -> dict
                 f"spatial_size=@spatial_size, shortcut_p={shortcut_p})"
             )
         arms = {
-            "plain": (["train_teacher.yaml"], {"network_def": student_def, "ckpt_dir": os.path.join(folder, "plain")}),
+            "plain": (["train_teacher.yaml"], {"teacher_def": student_def, "ckpt_dir": os.path.join(folder, "plain")}),
             "guided": (["train_teacher.yaml", "saliency_train.yaml"], {}),
         }
         for name, (configs, extra) in arms.items():

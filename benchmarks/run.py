@@ -348,8 +348,8 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
     epochs = (settings["max_epochs"],) * 2 if quick else (ACCURACY_TEACHER_EPOCHS, ACCURACY_STUDENT_EPOCHS)
     teacher_epochs, student_epochs = epochs
     size = settings.get("spatial_size", 64)
-    student_def = {
-        "_target_": "monai_kdx.networks.ShallowCNN",
+    student_def = {  # trained by train_teacher.yaml in place of the teacher (the bundle's student_def)
+        "network": "ShallowCNN",
         "spatial_dims": 3,
         "in_channels": 1,
         "out_channels": "@num_classes",
@@ -362,7 +362,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
         for seed in seeds:
             student = {"max_epochs": student_epochs}
             runs.append(("kd_student", seed, ["train_teacher.yaml", "distill.yaml"], student))
-            runs.append(("scratch_student", seed, ["train_teacher.yaml"], {**student, "network_def": student_def}))
+            runs.append(("scratch_student", seed, ["train_teacher.yaml"], {**student, "teacher_def": student_def}))
         for name, seed, configs, extra in runs:
             ckpt_dir = os.path.join(folder, "models") if name == "teacher" else os.path.join(folder, f"{name}_{seed}")
             train = run_bundle(
@@ -381,7 +381,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
                     ["train_teacher.yaml", "evaluate.yaml"],
                     ["evaluator"],
                     **settings,
-                    **({} if name == "teacher" else {"network_def": student_def}),
+                    **({} if name == "teacher" else {"teacher_def": student_def}),
                     ckpt_path=os.path.join(ckpt_dir, filename),
                     run_name=f"evaluate_{name}_{seed}_{filename[:-3]}",
                 )

@@ -28,7 +28,7 @@ def test_brain_mri_3d_teacher_train_then_evaluate_tracked_in_mlflow(brain_teache
     history = MlflowClient(uri).get_metric_history(train["run_id"], "val_accuracy")
     assert sorted(m.step for m in history) == [1, 2]  # one value per epoch
     # the artifact store sits next to the database, not in the working directory
-    assert str(tmp_path / "runs" / "mlruns") in train["artifact_uri"]
+    assert (tmp_path / "runs" / "mlartifacts" / "brain_mri_3d").as_uri() in train["artifact_uri"]
     assert not (tmp_path / "mlruns").exists()
     state = torch.load(tmp_path / "runs" / "models" / "model_final.pt", weights_only=True)
     assert state["class_layers.out.weight"].shape[0] == 4
@@ -182,4 +182,108 @@ def test_split_fractions_and_train_seed_keys(bundle, sizes, tmp_path):
     assert datalist["metadata"]["split_fractions"] == [0.5, 0.25, 0.25]
     parser.get_parsed_content("initialize")
     assert torch.initial_seed() == 7  # set_determinism(seed=train_seed); the dataset above kept seed 0
-    assert parser.get_parsed_content("seed") == 0 and parser.get_parsed_content("tracked_params")["train_seed"] == 7
+    assert parser.get_parsed_content("seed") == 0 and parser.get_parsed_content("training_params")["train_seed"] == 7
+
+
+BUNDLES = ("brain_mri_3d", "chest_xray_2d")
+# Where the two bundles may differ, per config file (ids as MONAI writes them; comments are not compared): the data,
+# the classes, the experiment, the 2D augmentation (a random affine instead of a flip), the 2D distillation's
+# explanation term and, without SyncBatchNorm for it, its torchrun override's network.
+BUNDLE_DIFFERENCES = {
+    "train_teacher.yaml": {
+        "dataset_kind", "n_samples", "spatial_size", "spatial_dims", "num_classes", "batch_size", "experiment_name",
+        *(f"train#preprocessing#transforms#3#{key}" for key in (
+            "_target_", "spatial_axis", "rotate_range", "scale_range", "padding_mode"
+        )),
+    },
+    "distill.yaml": {
+        "loss_keys#4", "explanation_weight", "distill_loss#weights#explanation", "tracked_params#explanation_weight",
+        *(f"distill_loss#terms#explanation#{key}" for key in ("_target_", "mode")),
+        *(f"distill_loss#terms#explanation#{key}#{i}" for key in ("student_layers", "teacher_layers") for i in (0, 1)),
+    },
+    "saliency_train.yaml": {f"train#preprocessing#transforms#3#padding_mode#{i}" for i in (0, 1)},
+    "multi_gpu_distill.yaml": {"sync_batchnorm", "network"},
+    **{
+        name: set()
+        for name in (
+            "evaluate.yaml", "explain.yaml", "prune.yaml", "multi_gpu_train.yaml", "multi_gpu_saliency.yaml",
+            "multi_gpu_prune.yaml",
+        )
+    },
+}  # fmt: skip
+
+
+def _leaves(config, prefix: str = "") -> dict:
+    """Every leaf value of a raw config by its id (``train#handlers#2#desc``)."""
+    if not isinstance(config, (dict, list)) or not config:
+        return {prefix: config}
+    items = config.items() if isinstance(config, dict) else enumerate(config)
+    leaves = {}
+    for key, value in items:
+        leaves.update(_leaves(value, f"{prefix}#{key}" if prefix else str(key)))
+    return leaves
+
+
+def _raw(bundle: str, name: str) -> dict:
+    from monai.bundle import ConfigParser
+
+    return ConfigParser.load_config_file(str(REPO / "bundles" / bundle / "configs" / name))
+
+
+def test_the_two_bundles_differ_only_where_listed():
+    """The 3D and the 2D bundle are each self-contained (MONAI's bundle layout), so their stage configs are written
+    twice: they may differ only in the ids listed in ``BUNDLE_DIFFERENCES`` (a change to one bundle that is not made
+    to the other fails here; so does a listed difference that is gone)."""
+    names = [sorted(p.name for p in (REPO / "bundles" / b / "configs").iterdir()) for b in BUNDLES]
+    assert names[0] == names[1]
+    assert sorted(BUNDLE_DIFFERENCES) == [name for name in names[0] if name.endswith(".yaml")]
+    for name, expected in BUNDLE_DIFFERENCES.items():
+        brain, chest = (_leaves(_raw(bundle, name)) for bundle in BUNDLES)
+        differing = {key for key in brain.keys() | chest.keys() if brain.get(key, KeyError) != chest.get(key, KeyError)}
+        assert differing == expected, name
+    configs = [REPO / "bundles" / bundle / "configs" for bundle in BUNDLES]
+    assert (configs[0] / "logging.conf").read_text() == (configs[1] / "logging.conf").read_text()
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_each_bundle_fact_is_stated_once(bundle):
+    """Architectures are plain specs declared in train_teacher.yaml only (``teacher_def``, ``student_def``), built by
+    ``monai_kdx.networks.build_network``; ``spatial_dims`` is set once; every MLflow handler is built from the one
+    ``mlflow_handler`` entry; every accuracy metric is a copy of ``accuracy``."""
+    leaves = {name: _leaves(_raw(bundle, name)) for name in BUNDLE_DIFFERENCES}
+    base = leaves["train_teacher.yaml"]
+    assert base["teacher_def#network"] == "DenseNet121" and base["student_def#network"] == "ShallowCNN"
+    removed = ("network_def", "student_builder", "teacher_builder", "prune_builder", "source_def")
+    for name, config in leaves.items():
+        ids = {key.split("#")[0].lstrip("+") for key in config}
+        assert not ids & set(removed), name
+        specs = {key for key in config if key.endswith("_def#network")}
+        declared = {"teacher_def#network", "student_def#network"} if name == "train_teacher.yaml" else set()
+        assert specs == declared, name
+        assert not [key for key, value in config.items() if key.endswith("_target_") and "ShallowCNN" in str(value)]
+        fixed_dims = [key for key, value in config.items() if key.endswith("spatial_dims") and value != "@spatial_dims"]
+        assert fixed_dims == (["spatial_dims"] if name == "train_teacher.yaml" else []), name
+        targets = [value for key, value in config.items() if key.endswith("_target_")]
+        assert "monai_kdx.handlers.MLflowRunHandler" not in targets or name == "train_teacher.yaml", name
+        assert "MLFlowHandler" not in targets, name  # MONAI's own would adopt finished and failed runs
+        assert "ignite.metrics.Accuracy" not in targets or name == "train_teacher.yaml", name
+    run_handlers = [key for key, value in base.items() if value == "monai_kdx.handlers.MLflowRunHandler"]
+    assert run_handlers == ["mlflow_handler#_target_"]
+    assert [key for key, value in base.items() if value == "ignite.metrics.Accuracy"] == ["accuracy#_target_"]
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_prune_overlay_disables_the_base_checkpoint_savers(bundle):
+    """prune.yaml reuses the base's handler lists by position: the positions it disables are the CheckpointSavers
+    (the pruned network is saved by the pruning handler) and the one it renames is the progress bar."""
+    from monai.bundle import ConfigParser
+
+    configs = REPO / "bundles" / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train_teacher.yaml"), str(configs / "prune.yaml")])
+    for section in ("train", "validate"):
+        handlers = parser[f"{section}#handlers"]
+        savers = [h for h in handlers if h["_target_"] == "CheckpointSaver"]
+        assert savers and all(h["_disabled_"] is True for h in savers), section
+        assert all(h.get("_disabled_") is not True for h in handlers if h["_target_"] != "CheckpointSaver"), section
+    assert parser["train#handlers#2"]["_target_"] == "monai_kdx.handlers.ProgressBar"

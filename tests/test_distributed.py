@@ -6,8 +6,7 @@ Distillation and saliency-guided training on 2 ranks x batch 2 end with the same
 - no shuffling: the single process's loader keeps the datalist order, and a ``DistributedSampler`` without
   shuffling gives rank r the samples r, r + 2, ... (``even_divisible``), so each global step sees the same four
   samples as the single process's batch;
-- no random augmentation (``--augment_prob 0``; the saliency bundle's own transform list is overridden) and no
-  dropout (``--student_def#dropout 0.0``);
+- no random augmentation (``--augment_prob 0``) and no dropout (``--student_def#dropout 0.0``);
 - no statistics over the batch: BatchNorm in training mode normalizes with the statistics of each rank's batch
   (2 samples, not 4), which changes the forward pass itself; DDP only averages gradients. The student therefore
   uses GroupNorm (``norm="group"``), whose statistics are per sample. (InstanceNorm, also per sample, refuses the
@@ -29,7 +28,6 @@ import random
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import REPO, TINY, VENV_BIN, bundle_run
 from mlflow.tracking import MlflowClient
 
@@ -80,11 +78,15 @@ def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 
 def _no_augmentation(config: str) -> list[str]:
-    """No random augmentation: every training transform list (train_teacher.yaml's and saliency_train.yaml's)
-    takes its probabilities from ``augment_prob``; the check below fails if a config hard-codes one."""
-    transforms = yaml.safe_load((REPO / "bundles" / "brain_mri_3d" / "configs" / config).read_text()).get(
-        "train#preprocessing#transforms", []
+    """No random augmentation: the training transform list (train_teacher.yaml's, as ``config`` leaves it) takes its
+    probabilities from ``augment_prob``; the check below fails if a config hard-codes one."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(
+        [str(REPO / "bundles" / "brain_mri_3d" / "configs" / name) for name in ("train_teacher.yaml", config)]
     )
+    transforms = parser["train#preprocessing#transforms"]
     fixed = [t["_target_"] for t in transforms if t["_target_"].startswith("Rand") and t.get("prob") != "@augment_prob"]
     assert not fixed, f"{config}: random transforms not driven by augment_prob: {fixed}"
     return ["--augment_prob", "0"]
@@ -117,31 +119,21 @@ def _one_process(tmp_path, configs: list[str], *overrides: str) -> None:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
 
 
-def _group_norm_student(config: str, net_key: str) -> list[str]:
-    """Overrides for a GroupNorm student without dropout: its config entry and, where the config has one, its
-    plain-data builder (``$dict(_target_='monai_kdx.networks.ShallowCNN', ...)``, e.g. for the MLflow model)."""
-    overrides = [f"--{net_key}#norm", "group", f"--{net_key}#dropout", "0.0"]
-    content = yaml.safe_load((REPO / "bundles" / "brain_mri_3d" / "configs" / config).read_text())
-    for key, value in content.items():
-        if isinstance(value, str) and value.startswith("$dict(_target_='monai_kdx.networks.ShallowCNN'"):
-            overrides += [f"--{key}", value[: value.rindex(")")] + ", norm='group', dropout=0.0)"]
-    return overrides
+# a GroupNorm student without dropout: the one spec (student_def) also builds the MLflow model of distill.yaml
+GROUP_NORM_STUDENT = ["--student_def#norm", "group", "--student_def#dropout", "0.0"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "stage, net_key, rank_file, ckpt_dir",
-    [
-        ("distill", "student_def", "student_rank{}.pt", "student"),
-        ("saliency_train", "network_def", "saliency_rank{}.pt", "saliency"),
-    ],
+    "stage, rank_file, ckpt_dir",
+    [("distill", "student_rank{}.pt", "student"), ("saliency_train", "saliency_rank{}.pt", "saliency")],
 )
-def test_two_ranks_match_one_process_on_the_global_batch(shared, one_thread, stage, net_key, rank_file, ckpt_dir):
+def test_two_ranks_match_one_process_on_the_global_batch(shared, one_thread, stage, rank_file, ckpt_dir):
     """Distillation (KD + attention transfer) and saliency-guided training (Grad-CAM toward gaze, from epoch 2):
     2 ranks x batch 2 end with the same student as 1 process x batch 4, within float32 rounding."""
     tmp_path, env, uri, common = shared
     override = "multi_gpu_distill.yaml" if stage == "distill" else "multi_gpu_saliency.yaml"
-    exact = [*common, *_no_augmentation(f"{stage}.yaml"), *_group_norm_student(f"{stage}.yaml", net_key)]
+    exact = [*common, *_no_augmentation(f"{stage}.yaml"), *GROUP_NORM_STUDENT]
     configs = ["train_teacher.yaml", f"{stage}.yaml"]
 
     _one_process(tmp_path, configs, *exact, *SINGLE, "--run_name", f"{stage}_one")
@@ -232,28 +224,32 @@ def test_shallow_cnn_norms_per_sample_statistics():
 def test_every_training_config_has_a_torchrun_override(bundle):
     """Each training config has its ``multi_gpu_*.yaml`` override in both bundles, set up the same way: the tracking
     store checked first, the process group and ignite's distributed context created on every rank, sharded
-    training data, the network in DDP, rank-0-only MLflow runs (``is_not_rank0`` in the base config)."""
+    training data, the network in DDP, rank-0-only MLflow runs (``is_not_rank0`` in the base config). The steps they
+    share are the base config's ``ddp`` section, copied in by macros (``"%ddp#initialize"``)."""
+    from monai.bundle import ConfigParser
+
     configs = REPO / "bundles" / bundle / "configs"
-    base = yaml.safe_load((configs / "train_teacher.yaml").read_text())
-    assert "torch.distributed.get_rank() > 0" in base["is_not_rank0"]
     for stage, override in (
         ("train_teacher", "multi_gpu_train"),
         ("distill", "multi_gpu_distill"),
         ("saliency_train", "multi_gpu_saliency"),
         ("prune", "multi_gpu_prune"),
     ):
-        assert (configs / f"{stage}.yaml").exists()
-        content = yaml.safe_load((configs / f"{override}.yaml").read_text())
-        initialize = content["initialize"]
+        parser = ConfigParser()
+        names = dict.fromkeys(("train_teacher", stage, override))  # train_teacher once
+        parser.read_config([str(configs / f"{name}.yaml") for name in names])
+        parser.parse()  # the macros resolved
+        assert "torch.distributed.get_rank() > 0" in parser["is_not_rank0"]
+        initialize = parser["initialize"]
         assert initialize[0] == "$monai_kdx.tracking.check_tracking_uri(@tracking_uri)", override
-        assert any("init_process_group(backend=@backend)" in line for line in initialize), override
+        assert any("init_process_group(backend=" in line for line in initialize), override
         assert "$idist.sync()" in initialize, override
-        assert content["train#sampler"]["_target_"] == "DistributedSampler", override
-        assert content["train#dataloader#sampler"] == "@train#sampler", override
-        assert content["network"].startswith("$torch.nn.parallel.DistributedDataParallel("), override
-        assert any("destroy_process_group" in line for line in content["finalize"]), override
-    prune = yaml.safe_load((configs / "multi_gpu_prune.yaml").read_text())
-    assert prune["calibration#dataloader#sampler"] == "@calibration#sampler"  # relevance from each rank's shard
+        assert parser["train#sampler"]["_target_"] == "DistributedSampler", override
+        assert parser["train#dataloader#sampler"] == "@train::sampler", override  # ids as parsed: "::" for "#"
+        assert parser["network"].startswith("$@ddp::wrap("), override
+        assert "torch.nn.parallel.DistributedDataParallel(" in parser["ddp#wrap"], override
+        assert any("destroy_process_group" in line for line in parser["finalize"]), override
+    assert parser["calibration#dataloader#sampler"] == "@calibration::sampler"  # prune: relevance from each shard
 
 
 def test_new_overrides_differ_only_by_bundle():
@@ -275,6 +271,7 @@ def test_save_rank_weights_reads_the_command_lines_spelling(bundle, stage, tmp_p
     override = {None: "multi_gpu_train", "saliency_train": "multi_gpu_saliency"}.get(stage, f"multi_gpu_{stage}")
     parser = ConfigParser()
     parser.read_config([str(configs / f"{name}.yaml") for name in ("train_teacher", stage, override) if name])
+    parser.parse()  # the finalize steps copied in from the base config's ddp section
     steps = [step for step in parser["finalize"] if "save_rank_weights" in step]
     assert len(steps) == 2 and steps[0].rsplit(" if ", 1)[1] == steps[1].rsplit(" if ", 1)[1]  # the same condition
     for value, on in (("false", False), ("False", False), (False, False), ("0", False), ("true", True), (True, True)):

@@ -285,7 +285,8 @@ def _files_loader(spatial_dims: int, nan_case: int):
 @pytest.mark.parametrize("decollate", [True, False])
 def test_finite_guard_names_epoch_iteration_and_files_of_a_nan_batch(spatial_dims, decollate):
     """A real SupervisedTrainer on a batch holding a NaN: the loss is NaN and, without a guard, training goes on
-    (the weights become NaN); FiniteGuard raises at the end of that iteration, naming it and the files."""
+    (the weights become NaN); FiniteGuard raises in that iteration, before the optimizer step, naming it and the
+    files, and the weights stay finite."""
     from monai_kdx.handlers import FiniteGuard
 
     network = _net(spatial_dims)
@@ -299,7 +300,7 @@ def test_finite_guard_names_epoch_iteration_and_files_of_a_nan_batch(spatial_dim
         max_epochs=2,
         train_data_loader=_files_loader(spatial_dims, nan_case=2),
         network=network,
-        optimizer=torch.optim.SGD(network.parameters(), lr=0.0),
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.1),
         loss_function=torch.nn.CrossEntropyLoss(),
         train_handlers=[FiniteGuard()],
         decollate=decollate,
@@ -312,6 +313,7 @@ def test_finite_guard_names_epoch_iteration_and_files_of_a_nan_batch(spatial_dim
     with pytest.raises(FloatingPointError, match=expected):
         trainer.run()
     assert trainer.state.iteration == 2  # the first, finite batch passed
+    assert all(torch.isfinite(p).all() for p in network.parameters())  # stopped before the optimizer step
 
 
 def test_finite_guard_checks_every_scalar_output_and_plain_engines():

@@ -16,7 +16,7 @@ from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.handlers import MLFlowHandler
 
-from monai_kdx.handlers import MLflowModelLogger
+from monai_kdx.handlers import MLflowModelLogger, MLflowRunHandler
 from monai_kdx.networks import ShallowCNN
 from monai_kdx.pruning import load_pruned, prune_by_relevance, save_pruned
 from monai_kdx.tracking import (
@@ -63,7 +63,7 @@ def test_model_logger_writes_into_the_mlflow_handlers_run_and_registers(tmp_path
     torch.manual_seed(0)
     network = ShallowCNN(spatial_dims, 1, 3, channels=(4, 8, 8))
     checkpoint = tmp_path / "model.pt"
-    handler = MLFlowHandler(
+    handler = MLflowRunHandler(
         tracking_uri=uri,
         experiment_name="exp",
         run_name="train",
@@ -216,3 +216,40 @@ def test_bundle_with_unreachable_server_fails_before_any_work(tmp_path, subproce
     assert result.returncode != 0
     assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in result.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs" / "models").exists()
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_run_handler_marks_a_failure_and_never_adopts_a_finished_or_failed_run(tmp_path, spatial_dims):
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlruns.db'}"
+    network = ShallowCNN(spatial_dims, 1, 3, channels=(4, 8))
+    data = _data(spatial_dims)
+
+    def trainer(fail: bool) -> SupervisedTrainer:
+        handler = MLflowRunHandler(
+            tracking_uri=uri, experiment_name="exp", run_name="train", close_on_complete=True,
+            output_transform=lambda output: output["loss"].item(),
+        )  # fmt: skip
+        engine = SupervisedTrainer(
+            device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=network,
+            optimizer=torch.optim.SGD(network.parameters(), lr=0.1), loss_function=torch.nn.CrossEntropyLoss(),
+            train_handlers=[handler], decollate=False,
+        )  # fmt: skip
+        if fail:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: 1 / 0)
+        return engine
+
+    with pytest.raises(ZeroDivisionError):
+        trainer(fail=True).run()
+    good = trainer(fail=False)
+    good.run()
+    again = trainer(fail=False)
+    again.run()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("exp")
+    runs = client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
+    assert [run.info.status for run in runs] == ["FAILED", "FINISHED", "FINISHED"]  # three runs, none adopted
+    assert good.state.mlflow_run[1] == runs[1].info.run_id != again.state.mlflow_run[1]
+    # the artifacts live next to the store, not in ./mlruns of the working directory
+    assert experiment.artifact_location == (tmp_path / "store" / "mlartifacts" / "exp").as_uri()

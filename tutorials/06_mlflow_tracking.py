@@ -5,7 +5,7 @@ Run it with ``.venv/bin/python tutorials/06_mlflow_tracking.py [--quick] [--out 
 1. Create a parent run ("pipeline") and two child runs in an embedded SQLite store
    (``DIR/mlruns.db``; MONAI's ``MLFlowHandler`` refuses ``file:`` stores).
 2. Train a teacher and a smaller student on the 2D chest dataset with MONAI's ``SupervisedTrainer``:
-   each trainer's ``MLFlowHandler`` is given its child run's name, so it logs into that child run
+   each trainer's ``MLflowRunHandler`` is given its child run's name, so it logs into that child run
    (MONAI's handler picks the unfinished run with its name; it never starts a fluent run).
    ``MLflowModelLogger`` logs the student into the same run as an MLflow model (a
    ``save_pruned`` file, no pickled module) and registers it in the Model Registry.
@@ -34,11 +34,11 @@ from ignite.engine import Events
 from mlflow.tracking import MlflowClient
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
-from monai.handlers import MLFlowHandler, from_engine
+from monai.handlers import from_engine
 from monai.transforms import Compose, EnsureTyped, LoadImaged, NormalizeIntensityd
 
 from monai_kdx.data import load_datalist, write_dataset
-from monai_kdx.handlers import MLflowModelLogger
+from monai_kdx.handlers import MLflowModelLogger, MLflowRunHandler
 from monai_kdx.networks import ShallowCNN, count_parameters
 from monai_kdx.tracking import (
     check_tracking_uri,
@@ -53,10 +53,11 @@ from monai_kdx.tracking import (
 
 
 def train(name: str, network, loader, uri: str, epochs: int, out: Path, register: str | None = None):
-    """Train ``network`` with a MONAI trainer whose MLFlowHandler logs into the run named ``name``."""
+    """Train ``network`` with a MONAI trainer whose MLflow handler (MONAI's, never adopting a finished or failed run)
+    logs into the run named ``name``."""
     checkpoint = out / f"{name}.pt"
     handlers = [
-        MLFlowHandler(
+        MLflowRunHandler(
             tracking_uri=uri,
             experiment_name="tutorial",
             run_name=name,

@@ -1,9 +1,9 @@
 """Guards that stop a training run at the first sign of numerical failure, naming where it happened.
 
 A NaN in one image makes the loss NaN; the optimizer step then writes NaN into every weight and the run goes on
-training a broken model, epoch after epoch, with nothing but ``nan`` in the logs. :class:`FiniteGuard` raises at
-the end of the iteration that produced the non-finite value, naming the epoch, the iteration and the files of the
-batch, so the culprit can be found and removed.
+training a broken model, epoch after epoch, with nothing but ``nan`` in the logs. :class:`FiniteGuard` raises in
+the iteration that produced the non-finite value (in a MONAI trainer after the backward pass, before the optimizer
+step), naming the epoch, the iteration and the files of the batch, so the culprit can be found and removed.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-
-from .saliency import _run_first
+from monai.engines.utils import IterationEvents
 
 __all__ = ["FiniteGuard"]
 
 
 class FiniteGuard:
-    """Raise ``FloatingPointError`` at ``ITERATION_COMPLETED`` when the loss or another scalar output is not finite.
+    """Raise ``FloatingPointError`` when the loss or another scalar output of an iteration is not finite.
 
     Works with any ignite engine and every MONAI trainer (``SupervisedTrainer``, ``DistillationTrainer``, ...),
     with or without decollation: the engine's output may be a dict (``{"loss": ..., "kd": ..., ...}``), a list
@@ -32,10 +31,10 @@ class FiniteGuard:
 
     The message names the epoch, the iteration (within the epoch and overall), the non-finite entries and,
     when the batch's images are MONAI ``MetaTensor``\\ s carrying ``filename_or_obj`` in their metadata, the
-    files of the batch, and separately those whose image holds NaN or infinite values. The handler runs
-    before the other ``ITERATION_COMPLETED`` handlers, so an iteration-based checkpoint saver does not save the
-    broken weights. The optimizer step of the failing iteration has already run: restart from the last
-    checkpoint, not from the weights in memory.
+    files of the batch, and separately those whose image holds NaN or infinite values. In a MONAI trainer the check
+    runs at ``IterationEvents.BACKWARD_COMPLETED``: the loss is complete (a saliency term added at
+    ``LOSS_COMPLETED`` included) and the optimizer has not stepped, so the weights in memory stay finite; in any
+    other engine it runs at ``ITERATION_COMPLETED``.
 
     Args:
         image_key: batch key of the images whose metadata names the files (MONAI's ``"image"``).
@@ -54,9 +53,11 @@ class FiniteGuard:
         self.image_key = image_key
 
     def attach(self, engine: Engine) -> None:
-        """Check every iteration's output of ``engine``, before its other ``ITERATION_COMPLETED`` handlers."""
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        _run_first(engine, Events.ITERATION_COMPLETED)
+        """Check every iteration's output of ``engine`` (before the optimizer step in a MONAI trainer)."""
+        try:
+            engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+        except ValueError:  # not a MONAI trainer: the event is not registered
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
         """Raise ``FloatingPointError`` if a scalar of ``engine.state.output`` is NaN or infinite."""

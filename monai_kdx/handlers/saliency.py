@@ -129,7 +129,7 @@ class SaliencyGuidance:
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self._loss_completed)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._release)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._exception_raised)
-        _run_first(engine, Events.EXCEPTION_RAISED)  # clean up before another handler re-raises
+        engine.add_event_handler(Events.COMPLETED, self._release)
 
     def _check_engine(self, engine: Engine) -> None:
         network = getattr(engine, "network", None)
@@ -240,20 +240,15 @@ class SaliencyGuidance:
         self._logits = None
 
     def _exception_raised(self, engine: Engine, error: BaseException) -> None:
+        """Release hooks and tensors, then re-raise: registering an ``EXCEPTION_RAISED`` handler would otherwise
+        make ignite swallow the error. (A handler registered earlier that re-raises first, e.g. MONAI's
+        ``StatsHandler``, leaves the release to the loss step's own ``finally``: the forward hooks remove
+        themselves after the next forward pass at the latest.)"""
         self._release()
-        handlers = getattr(engine, "_event_handlers", {}).get(Events.EXCEPTION_RAISED, [])
-        if len(handlers) <= 1:  # ignite re-raises only when no handler is registered: keep that behaviour
-            raise error
+        raise error
 
     @property
     def holds_tensors(self) -> bool:
         """Whether the handler currently holds any tensor or hook (False between iterations)."""
         captured = self._capture is not None and len(self._capture) > 0
         return bool(self._handles) or captured or self._inputs is not None or self._logits is not None
-
-
-def _run_first(engine: Engine, event: Any) -> None:
-    """Move the handler registered last for ``event`` to the front of ignite's handler list."""
-    handlers = getattr(engine, "_event_handlers", {}).get(event)
-    if isinstance(handlers, list) and len(handlers) > 1:
-        handlers.insert(0, handlers.pop())

@@ -54,8 +54,9 @@ class MLflowRunHandler(MLFlowHandler):
             engine.add_event_handler(Events.EXCEPTION_RAISED, self._failed)
 
     def start(self, engine: Engine) -> None:
-        if self.tracking_uri and self.experiment_name and self.cur_run is None:
-            experiment = experiment_id(self.tracking_uri, self.experiment_name)  # created with its artifact location
+        if self.experiment_name and self.cur_run is None:
+            # created with its artifact location next to an embedded store
+            experiment = experiment_id(self.client.tracking_uri, self.experiment_name)
             if self.run_name is not None:
                 runs = self.client.search_runs(
                     [experiment], filter_string=f"attributes.run_name = '{self.run_name}'", order_by=["start_time DESC"]
@@ -75,6 +76,8 @@ class MLflowRunHandler(MLFlowHandler):
             self.cur_run = None
         raise error
 
+
+
 logger = logging.getLogger(__name__)
 
 
@@ -85,13 +88,13 @@ def _is_rank0() -> bool:
 
 
 class MLflowModelLogger:
-    """At ``Events.COMPLETED``, log ``path`` as an MLflow pyfunc model (no pickled modules) into the
-    ``MLFlowHandler``'s run and optionally register it.
+    """At ``Events.COMPLETED``, log ``path`` as an MLflow pyfunc model (no pickled modules) into the run of the
+    engine's :class:`MLflowRunHandler` and optionally register it.
 
     Args:
         path: a :func:`~monai_kdx.pruning.save_pruned` file or a ``CheckpointSaver`` state dict (with ``builder``),
             read when the engine completes (e.g. the best checkpoint ``model.pt``).
-        builder: ``{"_target_": "dotted.path", **kwargs}`` building the network of a state-dict checkpoint.
+        builder: the network spec (``{"network": <registered name>, **arguments}``) of a state-dict checkpoint.
         artifact_path: the model's folder among the run's artifacts.
         registered_model_name: register under this name (``None``: log only).
         input_shape: ``(C, *spatial)`` for the model signature; default: one sample of the engine's last batch.
@@ -127,9 +130,7 @@ class MLflowModelLogger:
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def _remember_run(self, engine: Engine) -> None:
-        from monai_kdx.tracking import mlflow_handler_run  # TEMPORARY: MONAI handlers until the bundles switch
-
-        self.run = getattr(engine.state, RUN_STATE, None) or mlflow_handler_run(engine) or self.run
+        self.run = getattr(engine.state, RUN_STATE, None) or self.run
         if self.run is None and _is_rank0():
             raise RuntimeError(
                 "MLflowModelLogger logs into the run of an MLflowRunHandler attached to the same engine; none is "
@@ -138,9 +139,7 @@ class MLflowModelLogger:
 
     def completed(self, engine: Engine) -> None:
         """Log (and register) the model into the run handler's run; nothing on ranks without one."""
-        from monai_kdx.tracking import mlflow_handler_run  # TEMPORARY: MONAI handlers until the bundles switch
-
-        run = getattr(engine.state, RUN_STATE, None) or mlflow_handler_run(engine) or self.run
+        run = getattr(engine.state, RUN_STATE, None) or self.run
         if run is None:
             return
         shape = self.input_shape

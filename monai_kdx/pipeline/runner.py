@@ -336,7 +336,8 @@ def _stage_saliency(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
     """The distilled student fine-tuned with its Grad-CAM pulled toward the gaze maps (saliency_train.yaml)."""
     configs = ["train_teacher.yaml", "saliency_train.yaml"]
     student = pipeline.path(STUDENT_CKPT)
-    start = {"network": f"$monai_kdx.networks.load_weights(@network_def.to(@device), {student!r})"}
+    network = "monai_kdx.networks.build_network(@student_def).to(@device)"
+    start = {"network": f"$monai_kdx.networks.load_weights({network}, {student!r})"}
     train = pipeline.run_in(run_id, "saliency", configs, ["train#trainer", "validate#evaluator"], **start)
     test = pipeline.run_in(run_id, "saliency", [*configs, "evaluate.yaml"], ["evaluator"])
     return {"metrics": _metrics(train, test)}

@@ -67,10 +67,10 @@ def build_models(pipeline: Pipeline) -> dict[str, torch.nn.Module]:
         return load_weights(network.cpu(), pipeline.path(checkpoint)).eval()
 
     return {
-        "teacher": built(["train_teacher.yaml"], "network_def", TEACHER_CKPT),
-        "student": built(["train_teacher.yaml", "distill.yaml"], "student_def", STUDENT_CKPT),
+        "teacher": built(["train_teacher.yaml"], "network", TEACHER_CKPT),
+        "student": built(["train_teacher.yaml", "distill.yaml"], "network", STUDENT_CKPT),
         "pruned": load_pruned(pipeline.path(PRUNED_FILE)).cpu().eval(),
-        "saliency": built(["train_teacher.yaml", "saliency_train.yaml"], "network_def", SALIENCY_CKPT),
+        "saliency": built(["train_teacher.yaml", "saliency_train.yaml"], "network", SALIENCY_CKPT),
     }
 
 
@@ -127,9 +127,9 @@ def agreement_matrix(folders: Mapping[str, str]) -> dict[tuple[str, str], float]
 def _test_samples(pipeline: Pipeline, limit: int) -> list[dict[str, Any]]:
     """Up to ``limit`` test samples with a lesion (image, label, mask), preprocessed as in explain.yaml."""
     parser = _parser(pipeline, ["train_teacher.yaml", "explain.yaml"])
-    transform = parser.get_parsed_content("explain_preprocessing")
+    transform = parser.get_parsed_content("validate#preprocessing")
     samples = []
-    for item in parser.get_parsed_content("test_dataset").data:
+    for item in parser.get_parsed_content("test#dataset").data:
         sample = transform(item)
         if float(sample["mask"].sum()) > 0:
             samples.append(sample)

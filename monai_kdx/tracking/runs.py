@@ -24,8 +24,6 @@ __all__ = [
     "reopen_run",
     "end_run",
     "child_runs",
-    "mlflow_handler_run",
-    "has_mlflow_handler",
     "log_metrics",
 ]
 
@@ -169,31 +167,3 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list[Any]:
         [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=1000
     )
     return sorted(runs, key=lambda run: run.info.start_time)
-
-
-def mlflow_handler_run(engine: Any) -> tuple[Any, str] | None:
-    """The client and run id of the MONAI ``MLFlowHandler`` attached to ``engine``.
-
-    Returns:
-        ``(client, run_id)`` of the first attached handler that has a run, or ``None`` when no
-        ``MLFlowHandler`` is attached (e.g. on ranks > 0 under DDP) or none has started its run.
-    """
-    from monai.handlers import MLFlowHandler
-
-    for handlers in engine._event_handlers.values():
-        for entry in handlers:
-            owner = getattr(entry[0], "__self__", None)
-            if isinstance(owner, MLFlowHandler) and owner.cur_run is not None:
-                return owner.client, owner.cur_run.info.run_id
-    return None
-
-
-def has_mlflow_handler(engine: Any) -> bool:
-    """Whether a MONAI ``MLFlowHandler`` is attached to ``engine`` (started or not)."""
-    from monai.handlers import MLFlowHandler
-
-    return any(
-        isinstance(getattr(entry[0], "__self__", None), MLFlowHandler)
-        for handlers in engine._event_handlers.values()
-        for entry in handlers
-    )
