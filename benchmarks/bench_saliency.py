@@ -83,8 +83,8 @@ def _with_and_without(bundle: str, quick: bool, shortcut_p: float = 0.0) -> dict
     import os
     import tempfile
 
+    from monai_kdx.apps.pipeline import run_bundle
     from monai_kdx.networks import ShallowCNN, load_weights
-    from monai_kdx.pipeline import run_bundle
 
     dims = BUNDLES[bundle]
     settings: dict[str, Any] = dict(QUICK) if quick else {}

@@ -340,8 +340,8 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
 
     import torch
 
+    from monai_kdx.apps.pipeline import QUICK_OVERRIDES, run_bundle
     from monai_kdx.networks import count_macs, count_parameters, load_weights
-    from monai_kdx.pipeline import QUICK_OVERRIDES, run_bundle
 
     settings = dict(QUICK_OVERRIDES) if quick else dict(ACCURACY_DATA)
     seeds = ACCURACY_SEEDS[:1] if quick else ACCURACY_SEEDS

@@ -26,7 +26,6 @@ _SUBMODULES = (
     "losses",
     "metrics",
     "networks",
-    "pipeline",
     "pruning",
     "registry",
     "tracking",

@@ -95,7 +95,7 @@ def _make_dataset(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from monai_kdx.pipeline import Pipeline, summary_markdown
+    from monai_kdx.apps.pipeline import Pipeline, summary_markdown
 
     overrides = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
     if args.max_epochs is not None and args.max_epochs < 1:
@@ -203,16 +203,15 @@ def _compare_explanations(args: argparse.Namespace) -> int:
 
 def _log_comparison(tracking_uri: str, comparisons: Sequence, folder: str) -> str:
     """Log the comparison report and every method's scores (``<kind>/<method>/<column>``) to a new run."""
-    from mlflow.tracking import MlflowClient
-
-    from monai_kdx.tracking import end_run, log_metrics, start_parent_run
+    from monai_kdx.tracking import Tracker
 
     kinds = [c.name for c in comparisons]
-    run_id = start_parent_run(tracking_uri, "compare_explanations", "compare-explanations", params={"kinds": kinds})
+    tracker = Tracker(tracking_uri)
+    run_id = tracker.start_parent("compare_explanations", "compare-explanations", params={"kinds": kinds})
     scores = {f"{c.name}/{row['method']}/{k}": v for c in comparisons for row in c.rows for k, v in row.items()}
-    log_metrics(tracking_uri, run_id, scores)
-    MlflowClient(tracking_uri).log_artifacts(run_id, folder, "report")
-    end_run(tracking_uri, run_id)
+    tracker.log_metrics(run_id, scores)
+    tracker.client.log_artifacts(run_id, folder, "report")
+    tracker.end(run_id)
     return run_id
 
 

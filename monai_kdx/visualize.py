@@ -12,7 +12,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["focus_point", "planes", "draw_overlay", "dataset_preview", "datalist_preview", "explanation_figure"]
+__all__ = [
+    "focus_point",
+    "planes",
+    "draw_overlay",
+    "subplots",
+    "save_figure",
+    "dataset_preview",
+    "datalist_preview",
+    "explanation_figure",
+]
 
 PLANE_NAMES = ("axial", "coronal", "sagittal")
 
@@ -100,7 +109,7 @@ def dataset_preview(samples: Sequence[Any], path: str | os.PathLike | None = Non
         raise ValueError("dataset_preview needs at least one sample.")
     views = 1 if chosen[0].image.ndim == 2 else 3
     columns = views + 1
-    fig, axes = _subplots(len(chosen), columns)
+    fig, axes = subplots(len(chosen), columns)
     for row, sample in zip(axes, chosen, strict=True):
         point = focus_point(sample.image.shape, sample.mask if np.any(sample.mask) else sample.gaze)
         images = planes(sample.image, point)
@@ -110,10 +119,12 @@ def dataset_preview(samples: Sequence[Any], path: str | os.PathLike | None = Non
         names = PLANE_NAMES if views == 3 else ("mask + gaze",)
         for ax, name, image, mask, gaze in zip(row[1:], names, images, masks, gazes, strict=True):
             draw_overlay(ax, image, mask, gaze, title=name, origin=origin)
-    return _finish(fig, path)
+    return save_figure(fig, path)
 
 
-def _subplots(rows: int, columns: int) -> tuple[Any, Any]:
+def subplots(rows: int, columns: int) -> tuple[Any, Any]:
+    """A matplotlib figure with ``rows`` × ``columns`` axes of 2.2 inches (non-interactive backend); axes (rows,
+    columns) even for one row or column."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -122,7 +133,8 @@ def _subplots(rows: int, columns: int) -> tuple[Any, Any]:
     return plt.subplots(rows, columns, figsize=(2.2 * columns, 2.2 * rows), squeeze=False)
 
 
-def _finish(fig: Any, path: str | os.PathLike | None) -> Any:
+def save_figure(fig: Any, path: str | os.PathLike | None) -> Any:
+    """Lay ``fig`` out tightly and, with a ``path``, write it as PNG and close it; returns the figure."""
     fig.tight_layout()
     if path is not None:
         import matplotlib.pyplot as plt
@@ -166,16 +178,21 @@ def explanation_figure(
     maps: Mapping[str, np.ndarray],
     path: str | os.PathLike | None = None,
     mask: np.ndarray | None = None,
+    title: str | None = None,
+    point: Sequence[int] | None = None,
 ) -> Any:
     """One PNG of several explanation maps of one image (e.g. the levels of a hierarchical CAM and
-    their fusion). 2D: one overlay per map, side by side. 3D: one row per map with the axial, coronal
-    and sagittal slices through that map's peak.
+    their fusion), each map min-max scaled, with a colour bar. 2D: one overlay per map, side by side. 3D: one
+    row per map with the axial, coronal and sagittal slices through one shared point (``point``; by default the
+    lesion's centre, or the peak of the last map), so the rows compare the same anatomy.
 
     Args:
         image: (H, W) or (H, W, D) image (one channel).
         maps: name → map of the image's shape, in drawing order.
         path: where to save the PNG (optional).
         mask: optional (H, W[, D]) lesion mask, drawn as a red outline.
+        title: the figure's title (e.g. case, label, prediction).
+        point: the 3D point the slices go through.
 
     Returns:
         The matplotlib figure.
@@ -183,6 +200,9 @@ def explanation_figure(
     Raises:
         ValueError: no maps, or a map whose shape differs from the image's.
     """
+    import matplotlib.cm as cm
+    import matplotlib.colors as colors
+
     image = np.asarray(image)
     if not maps:
         raise ValueError("explanation_figure needs at least one map.")
@@ -190,16 +210,29 @@ def explanation_figure(
         if np.shape(heatmap) != image.shape:
             raise ValueError(f"map {name!r} has shape {np.shape(heatmap)}, the image {image.shape}.")
     if image.ndim == 2:
-        fig, axes = _subplots(1, len(maps))
+        fig, axes = subplots(1, len(maps))
         for ax, (name, heatmap) in zip(axes[0], maps.items(), strict=True):
             draw_overlay(ax, image, mask, np.asarray(heatmap), title=name, origin="upper")
-        return _finish(fig, path)
-    fig, axes = _subplots(len(maps), 3)
-    for row, (name, heatmap) in zip(axes, maps.items(), strict=True):
-        heatmap = np.asarray(heatmap, dtype=np.float64)
-        point = focus_point(image.shape, heatmap)
-        views = zip(planes(image, point), planes(heatmap, point), PLANE_NAMES, strict=True)
-        masks = planes(mask, point) if mask is not None else [None] * 3
-        for ax, (plane, heat, plane_name), plane_mask in zip(row, views, masks, strict=True):
-            draw_overlay(ax, plane, plane_mask, heat, title=f"{name} · {plane_name}")
-    return _finish(fig, path)
+    else:
+        if point is None:
+            last = np.asarray(list(maps.values())[-1], dtype=np.float64)
+            point = focus_point(image.shape, mask if mask is not None and np.any(mask) else last)
+        fig, axes = subplots(len(maps), 3)
+        for row, (name, heatmap) in zip(axes, maps.items(), strict=True):
+            heatmap = np.asarray(heatmap, dtype=np.float64)
+            views = zip(planes(image, point), planes(heatmap, point), PLANE_NAMES, strict=True)
+            masks = planes(mask, point) if mask is not None else [None] * 3
+            for ax, (plane, heat, plane_name), plane_mask in zip(row, views, masks, strict=True):
+                draw_overlay(ax, plane, plane_mask, heat, title=f"{name} · {plane_name}")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    mappable = cm.ScalarMappable(norm=colors.Normalize(0, 1), cmap="jet")
+    fig.tight_layout(rect=(0, 0, 0.86, 0.95 if title else 1))
+    bar = fig.add_axes((0.88, 0.15, 0.02, 0.7))
+    fig.colorbar(mappable, cax=bar, label="relevance (scaled)")
+    if path is not None:
+        import matplotlib.pyplot as plt
+
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig

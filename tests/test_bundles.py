@@ -4,7 +4,6 @@ SQLite store read back with MlflowClient; metadata verified against the bundle s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -69,12 +68,14 @@ def test_brain_mri_3d_explain_writes_overlaying_heatmaps_and_logs_metrics(brain_
     import nibabel as nib
     import numpy as np
 
+    from monai_kdx.transforms import case_name
+
     tmp_path, env, uri = brain_teacher
     bundle_run("brain_mri_3d", ["train_teacher.yaml", "explain.yaml"], tmp_path, env)
     datalist = json.loads((tmp_path / "data" / "datalist.json").read_text())
     folder = tmp_path / "runs" / "explanations"
     for entry in datalist["test"]:
-        stem = os.path.basename(entry["image"]).split(".")[0]
+        stem = case_name(tmp_path / "data" / entry["image"], tmp_path / "data")  # images__case_0005
         source = nib.load(tmp_path / "data" / entry["image"])
         fused, levels = nib.load(folder / f"{stem}_cam.nii.gz"), nib.load(folder / f"{stem}_levels.nii.gz")
         for written in (fused, levels):

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, SaveImaged
 
 from monai_kdx.explain import HierarchicalCAM
@@ -91,7 +92,11 @@ def test_explanation_figure_one_png_per_image(tmp_path, spatial_dims):
     fig = explanation_figure(image[0, 0].numpy(), maps, tmp_path / "levels.png")
     assert (tmp_path / "levels.png").stat().st_size > 1000
     rows, columns = (1, 3) if spatial_dims == 2 else (3, 3)
-    assert len(fig.axes) == rows * columns
+    assert len(fig.axes) == rows * columns + 1  # the panels and the colour bar
+    assert fig.axes[-1].get_ylabel() == "relevance (scaled)"
+    if spatial_dims == 3:
+        titled = explanation_figure(image[0, 0].numpy(), maps, tmp_path / "t.png", title="case · label 1")
+        assert titled._suptitle.get_text() == "case · label 1"
     with pytest.raises(ValueError, match="has shape"):
         explanation_figure(image[0, 0].numpy(), {"bad": np.zeros([8] * spatial_dims)})
 
@@ -115,3 +120,25 @@ def test_faithfulness_transform_scores_the_map_and_a_random_map_beside_it(spatia
         ExplanationFaithfulnessd("cam", network, baseline="grey")
     with pytest.raises(ValueError, match="not a whole-number class index"):
         transform({"image": image, "cam": cam, "label": 1.5})
+
+
+def test_outputs_of_cases_with_the_same_file_name_do_not_collide(tmp_path):
+    """patientA/t1 and patientB/t1, sub-01.ses-1 and sub-01.ses-2: unique, stable names from the dataset folder."""
+    from monai.transforms import SaveImaged
+
+    from monai_kdx.transforms import CaseFolderLayout, case_name
+
+    root = tmp_path / "data"
+    sources = [root / "patientA" / "t1.nii.gz", root / "patientB" / "t1.nii.gz", root / "sub-01.ses-1.nii.gz",
+               root / "sub-01.ses-2.nii.gz"]  # fmt: skip
+    names = [case_name(path, root) for path in sources]
+    assert names == ["patientA__t1", "patientB__t1", "sub-01.ses-1", "sub-01.ses-2"]
+    assert case_name(tmp_path / "elsewhere" / "x.nii", root) == "x"  # outside the root: the base name
+    save = SaveImaged("cam", folder_layout=CaseFolderLayout(str(tmp_path / "out"), "cam", data_root=str(root)),
+                      print_log=False)  # fmt: skip
+    for index, path in enumerate(sources):
+        save({"cam": MetaTensor(torch.full((1, 4, 4, 4), float(index)), meta={"filename_or_obj": str(path)})})
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(f"{name}_cam.nii.gz" for name in names)
+    for index, name in enumerate(names):
+        assert float(nib.load(tmp_path / "out" / f"{name}_cam.nii.gz").get_fdata().mean()) == index

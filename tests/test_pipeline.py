@@ -19,9 +19,9 @@ import torch
 from conftest import VENV_BIN
 from mlflow.tracking import MlflowClient
 
-from monai_kdx.pipeline import Pipeline, check_checkpoint, runner
+from monai_kdx.apps.pipeline import Pipeline, check_checkpoint, runner
 from monai_kdx.pruning import load_pruned
-from monai_kdx.tracking import PARENT_TAG, child_runs, load_classifier, run_summary
+from monai_kdx.tracking import PARENT_TAG, Tracker, load_classifier, run_summary
 
 
 def _cli(*args: str, env, cwd) -> subprocess.CompletedProcess:
@@ -38,7 +38,7 @@ def _runs_named(uri: str, name: str) -> list:
 
 @pytest.mark.slow
 def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_env, monkeypatch):
-    out = tmp_path / "demo"
+    out = tmp_path / "demo@1"  # an "@" in a path: paths are config data, never pasted into expressions
     uri = f"sqlite:///{out / 'mlruns.db'}"
 
     # 1. the CLI runs the first two stages
@@ -76,12 +76,12 @@ def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_en
 
     # MLflow: one parent, one finished child per stage, the crashed attempt kept as a failed run
     parent = state["parent_run_id"]
-    children = {run.info.run_name: run for run in child_runs(uri, parent)}
+    children = {run.info.run_name: run for run in Tracker(uri).child_runs(parent)}
     assert {"teacher", "distill", "prune", "saliency", "explain", "prune (failed)"} == set(children)
     assert children["prune (failed)"].info.status == "FAILED"
     assert all(children[s].info.status == "FINISHED" for s in runner.STAGES)
     assert len(_runs_named(uri, "teacher")) == 1 and len(_runs_named(uri, "distill")) == 1
-    explain_runs = {run.info.run_name for run in child_runs(uri, children["explain"].info.run_id)}
+    explain_runs = {run.info.run_name for run in Tracker(uri).child_runs(children["explain"].info.run_id)}
     assert explain_runs == {"explain_teacher", "explain_student", "explain_pruned", "explain_saliency"}
     assert MlflowClient(uri).get_run(parent).info.status == "FINISHED"
 
@@ -99,6 +99,10 @@ def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_en
     assert prune["metrics"]["prune_params"] < prune["metrics"]["prune_params_before"]
     explained = run_summary(uri, _runs_named(uri, "explain_pruned")[0])
     assert any(a.endswith("_cam.nii.gz") for a in explained["artifacts"])
+    # outputs are named after the cases' paths in the dataset folder
+    names = set(os.listdir(out / "explanations" / "pruned"))
+    case = next(name[: -len("_cam.nii.gz")] for name in names if name.endswith("_cam.nii.gz"))
+    assert case.startswith("images__case_") and {f"{case}_cam.png", f"{case}_levels.nii.gz"} <= names
     assert {"pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"} <= set(explained["metrics"])
     parent_summary = run_summary(uri, parent)
     assert {"report/report.md", "report/summary.png", "report/hierarchy.png"} <= set(parent_summary["artifacts"])
@@ -122,15 +126,16 @@ def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_en
     assert "| pruned |" in resumed.stdout
     assert (out / "report" / "hierarchy.png").stat().st_size > 10_000
 
-    # 4. a corrupt stage input: the error names the file, nothing new is run or logged
-    (out / "report" / "report.md").unlink()  # the explain stage must run again...
-    (out / "student" / "model.pt").write_bytes(b"truncated")  # ...and its input is corrupt
-    before = len(child_runs(uri, parent))
-    broken = _cli("demo", "--quick", "--out", str(out), env=subprocess_env, cwd=tmp_path)
-    assert broken.returncode == 2
-    assert f"stage 'explain' needs the distilled student checkpoint {out / 'student' / 'model.pt'}" in broken.stderr
-    assert "corrupt" in broken.stderr
-    assert len(child_runs(uri, parent)) == before
+    # 4. a stage's output changed since it completed (checksums in pipeline.json): that stage runs again
+    (out / "student" / "model.pt").write_bytes(b"truncated")
+    again = _cli("demo", "--quick", "--out", str(out), "--until", "distill", env=subprocess_env, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "distill: outputs changed since it completed ['student/model.pt'], running it again" in again.stdout
+    assert "teacher: completed earlier" in again.stdout
+    assert (out / "student" / "model.pt").stat().st_size > 1000
+    rerun = json.loads((out / "pipeline.json").read_text())
+    assert list(rerun["stages"]) == ["teacher", "distill"]  # what came after it is invalidated
+    assert rerun["stages"]["teacher"]["outputs"] == final["stages"]["teacher"]["outputs"]
 
     # other settings in the same folder are refused
     other = _cli("demo", "--out", str(out), env=subprocess_env, cwd=tmp_path)
@@ -218,7 +223,7 @@ def test_pipeline_stages_against_a_real_mlflow_server(mlflow_server, subprocess_
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert not (out / "mlruns.db").exists()  # nothing went to the local default store
     state = json.loads((out / "pipeline.json").read_text())
-    children = {run.info.run_name: run for run in child_runs(url, state["parent_run_id"])}
+    children = {run.info.run_name: run for run in Tracker(url).child_runs(state["parent_run_id"])}
     assert set(children) == {"teacher", "distill"}
     assert all(run.data.tags[PARENT_TAG] == state["parent_run_id"] for run in children.values())
     distill = run_summary(url, children["distill"])
@@ -233,3 +238,15 @@ def test_pipeline_stages_against_a_real_mlflow_server(mlflow_server, subprocess_
     x = torch.randn(2, 1, 32, 32, 32)
     with torch.no_grad():
         np.testing.assert_allclose(model.predict(x.numpy()), torch.softmax(network(x), 1).numpy(), atol=1e-5)
+
+
+def test_a_second_pipeline_on_the_same_folder_is_refused_naming_the_holder(tmp_path):
+    from monai_kdx.apps.pipeline import FolderInUseError, OutputLock
+
+    out = tmp_path / "demo"
+    with OutputLock(out):
+        with pytest.raises(FolderInUseError, match=f"{out} is in use by pid {os.getpid()} on "):
+            Pipeline(out, quick=True).run()
+        assert not (out / "data").exists()  # refused before any work
+    with OutputLock(out):  # released on exit
+        pass

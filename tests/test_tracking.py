@@ -21,14 +21,11 @@ from monai_kdx.networks import ShallowCNN
 from monai_kdx.pruning import load_pruned, prune_by_relevance, save_pruned
 from monai_kdx.tracking import (
     PARENT_TAG,
+    Tracker,
     check_tracking_uri,
-    child_runs,
-    end_run,
     load_classifier,
     log_classifier,
     run_summary,
-    start_child_run,
-    start_parent_run,
 )
 
 
@@ -127,11 +124,11 @@ def test_pruned_model_registered_loads_without_pickles_and_predicts(tmp_path):
     pruned = prune_by_relevance(network, None, 0.5, "magnitude", example_inputs=example, builder=builder)
     path = save_pruned(pruned, tmp_path / "pruned.pt")
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in network.parameters())
-    parent = start_parent_run(uri, "exp", params={"ratio": 0.5})
-    child = start_child_run(uri, parent, "prune")
+    parent = Tracker(uri).start_parent("exp", params={"ratio": 0.5})
+    child = Tracker(uri).start_child(parent, "prune")
     logged = log_classifier(uri, child, path, registered_model_name="pruned", input_shape=(1, 16, 16, 16))
-    end_run(uri, child)
-    end_run(uri, parent)
+    Tracker(uri).end(child)
+    Tracker(uri).end(parent)
 
     artifacts = run_summary(uri, child)["artifacts"]
     assert "model/MLmodel" in artifacts
@@ -144,7 +141,7 @@ def test_pruned_model_registered_loads_without_pickles_and_predicts(tmp_path):
     reference = load_pruned(path).eval()
     with torch.no_grad():
         np.testing.assert_allclose(model.predict(x.numpy()), torch.softmax(reference(x), 1).numpy(), atol=1e-5)
-    assert [run.info.run_id for run in child_runs(uri, parent)] == [child]
+    assert [run.info.run_id for run in Tracker(uri).child_runs(parent)] == [child]
 
 
 def _download(uri: str, run_id: str, path: str) -> str:
@@ -155,7 +152,7 @@ def _download(uri: str, run_id: str, path: str) -> str:
 
 def test_log_classifier_rejects_bad_files_before_logging(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    parent = start_parent_run(uri, "exp")
+    parent = Tracker(uri).start_parent("exp")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     state = tmp_path / "state.pt"
@@ -172,16 +169,16 @@ def test_log_classifier_rejects_bad_files_before_logging(tmp_path):
 def test_child_runs_and_a_failed_attempt_do_not_capture_the_handlers_run(tmp_path):
     """MONAI's handler takes the oldest unfinished run with its name: a failed attempt must not be it."""
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    parent = start_parent_run(uri, "exp")
-    failed = start_child_run(uri, parent, "distill")
-    end_run(uri, failed, "FAILED")
-    retry = start_child_run(uri, parent, "distill")
+    parent = Tracker(uri).start_parent("exp")
+    failed = Tracker(uri).start_child(parent, "distill")
+    Tracker(uri).end(failed, "FAILED")
+    retry = Tracker(uri).start_child(parent, "distill")
     handler = MLFlowHandler(tracking_uri=uri, experiment_name="exp", run_name="distill")
     engine = Engine(lambda engine, batch: None)
     engine.state.max_epochs, engine.state.epoch_length = 1, 1
     handler.start(engine)
     assert handler.cur_run.info.run_id == retry
-    runs = {run.info.run_id: run for run in child_runs(uri, parent)}
+    runs = {run.info.run_id: run for run in Tracker(uri).child_runs(parent)}
     assert runs[failed].info.run_name == "distill (failed)" and runs[failed].info.status == "FAILED"
     assert runs[retry].data.tags[PARENT_TAG] == parent
 

@@ -41,14 +41,11 @@ from monai_kdx.data import load_datalist, write_dataset
 from monai_kdx.handlers import MLflowModelLogger, MLflowRunHandler
 from monai_kdx.networks import ShallowCNN, count_parameters
 from monai_kdx.tracking import (
+    Tracker,
     check_tracking_uri,
-    child_runs,
     default_tracking_uri,
-    end_run,
     load_classifier,
     run_summary,
-    start_child_run,
-    start_parent_run,
 )
 
 
@@ -99,9 +96,10 @@ def main() -> None:
 
     # 1. the store and the run tree
     uri = check_tracking_uri(default_tracking_uri(out))
-    parent = start_parent_run(uri, "tutorial", run_name="pipeline", params={"quick": args.quick})
-    teacher_run = start_child_run(uri, parent, "teacher")
-    student_run = start_child_run(uri, parent, "student")
+    tracker = Tracker(uri)
+    parent = tracker.start_parent("tutorial", run_name="pipeline", params={"quick": args.quick})
+    teacher_run = tracker.start_child(parent, "teacher")
+    student_run = tracker.start_child(parent, "student")
 
     # 2. two trainings, each logging into its child run
     size, n, epochs = (64, 24, 1) if args.quick else (128, 120, 4)
@@ -114,12 +112,12 @@ def main() -> None:
     student = ShallowCNN(2, 1, 3, channels=(8, 16, 32))
     train("teacher", teacher, loader, uri, epochs, out)
     logger = train("student", student, loader, uri, epochs, out, register="tutorial_student")
-    end_run(uri, parent)
+    tracker.end(parent)
 
     # 3. read it back
     client = MlflowClient(uri)
     print(f"parent run {parent}")
-    for run in child_runs(uri, parent):
+    for run in tracker.child_runs(parent):
         summary = run_summary(uri, run)
         print(f"  child {summary['run_name']}: params {summary['params']}, "
               f"metrics {sorted(summary['metrics'])}, artifacts {summary['artifacts'][:3]}...")  # fmt: skip

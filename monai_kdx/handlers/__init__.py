@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .budget import STOP_REASONS, TrainingBudget
 from .guards import FiniteGuard
-from .output_transforms import scalars, stacked
+from .output_transforms import column, scalars, stacked
 from .progress import ProgressBar
 from .pruning import RelevancePruningHandler
 from .saliency import SaliencyGuidance
@@ -19,6 +19,7 @@ __all__ = [
     "ProgressBar",
     "RelevancePruningHandler",
     "SaliencyGuidance",
+    "column",
     "scalars",
     "stacked",
 ]

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["stacked", "scalars"]
+__all__ = ["stacked", "scalars", "column"]
 
 
 def stacked(keys: str | Sequence[str]) -> Callable[[Any], tuple[torch.Tensor, ...]]:
@@ -45,5 +45,16 @@ def scalars(keys: str | Sequence[str], prefix: str = "") -> Callable[[Any], dict
     def transform(output: Any) -> dict[str, float]:
         first = output if isinstance(output, Mapping) else output[0]
         return {f"{prefix}{key}": float(torch.as_tensor(first[key]).detach()) for key in keys}
+
+    return transform
+
+
+def column(key: str) -> Callable[[Any], torch.Tensor]:
+    """An output transform giving the per-sample values of ``key`` as a (B, 1) column, e.g. for ignite's
+    ``Average`` over the samples of an evaluation (``column("cam_deletion_auc")``)."""
+    extract = stacked(key)
+
+    def transform(output: Any) -> torch.Tensor:
+        return extract(output)[0].reshape(-1, 1)
 
     return transform

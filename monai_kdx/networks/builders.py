@@ -51,6 +51,7 @@ __all__ = [
     "register_network",
     "check_network_spec",
     "build_network",
+    "load_network",
     "network_spec",
     "set_network_spec",
 ]
@@ -258,6 +259,24 @@ def build_network(spec: Any, max_parameters: int | None = MAX_PARAMETERS) -> nn.
     if not isinstance(network, nn.Module):
         raise TypeError(f"network builder {builder.name!r} returned a {type(network).__name__}, not an nn.Module.")
     return set_network_spec(network, canonical)
+
+
+def load_network(
+    spec: Any, checkpoint: str | None = None, map_location: Any = "cpu", max_parameters: int | None = MAX_PARAMETERS
+) -> nn.Module:
+    """:func:`build_network`, then the weights of a state-dict checkpoint when one is given (``None``: the fresh
+    network), loaded with ``weights_only=True`` (:func:`monai_kdx.networks.load_weights`).
+
+    Bundles build every network with it, the path being a plain config value::
+
+        network: "$monai_kdx.networks.load_network(@network_spec, @start_checkpoint).to(@device)"
+    """
+    network = build_network(spec, max_parameters)
+    if checkpoint is None:
+        return network
+    from .introspect import load_weights
+
+    return load_weights(network, checkpoint, map_location=map_location)
 
 
 def network_spec(network: nn.Module) -> dict[str, Any] | None:

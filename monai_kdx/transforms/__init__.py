@@ -11,9 +11,12 @@ from .explanation import (
     as_meta_like,
 )
 from .gaze import GazeToHeatmapd, MaskToSaliencyd, affine_spacing, map_fixations
+from .naming import CaseFolderLayout, case_name
 
 __all__ = [
     "Attributiond",
+    "CaseFolderLayout",
+    "case_name",
     "ExplanationFaithfulnessd",
     "GazeToHeatmapd",
     "HierarchicalExplanationd",

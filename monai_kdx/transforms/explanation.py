@@ -21,6 +21,8 @@ from monai_kdx.explain.base import build_explainer
 from monai_kdx.explain.cam import HierarchicalCAM
 from monai_kdx.networks import class_indices
 
+from .naming import case_name
+
 __all__ = [
     "HierarchicalExplanationd",
     "Attributiond",
@@ -254,20 +256,33 @@ class ExplanationFaithfulnessd(MapTransform):
 class SaveExplanationFigured(MapTransform):
     """Write one PNG per sample with :func:`monai_kdx.visualize.explanation_figure`: every level of a
     ``"<key>_levels"`` map from :class:`HierarchicalExplanationd` plus the fused ``key`` map, over the
-    image (2D: overlays; 3D: slices through each map's peak), named after the image's file.
+    image (2D: overlays; 3D: the same slices, through the lesion or the fused map's peak, in every row), with a
+    colour bar and a title naming the case, its label and the prediction. Named ``<case>_<key>.png`` after the
+    case's path relative to ``data_root`` (:func:`~monai_kdx.transforms.case_name`), like the NIfTI heatmaps.
 
     Args:
         keys: the fused map key(s) (``"cam"``); the levels are read from ``"<key>_levels"`` when present.
         output_dir: the folder for the PNGs (created when missing).
         image_key: the image the maps explain.
         mask_key: an optional lesion mask drawn as an outline.
+        data_root: the dataset's folder (case names are relative to it); None: the file's base name.
+        label_key: the true class, shown in the title when present.
+        pred_key: class scores (K,) whose argmax is shown as the prediction when present.
     """
 
     def __init__(
-        self, keys: KeysCollection, output_dir: str, image_key: str = "image", mask_key: str | None = None
+        self,
+        keys: KeysCollection,
+        output_dir: str,
+        image_key: str = "image",
+        mask_key: str | None = None,
+        data_root: str | None = None,
+        label_key: str = "label",
+        pred_key: str = "pred",
     ) -> None:
         super().__init__(keys)
         self.output_dir, self.image_key, self.mask_key = output_dir, image_key, mask_key
+        self.data_root, self.label_key, self.pred_key = data_root, label_key, pred_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         import os
@@ -277,7 +292,12 @@ class SaveExplanationFigured(MapTransform):
         d = dict(data)
         image = d[self.image_key]
         source = image.meta.get("filename_or_obj", "sample") if isinstance(image, MetaTensor) else "sample"
-        stem = os.path.basename(str(source)).split(".")[0]
+        stem = case_name(source, self.data_root)
+        title = stem
+        if self.label_key in d:
+            title += f" · label {int(torch.as_tensor(d[self.label_key]).reshape(-1)[0])}"
+        if self.pred_key in d:
+            title += f" · predicted {int(torch.as_tensor(d[self.pred_key]).reshape(-1).argmax())}"
         mask = None
         if self.mask_key is not None and self.mask_key in d:
             mask = torch.as_tensor(d[self.mask_key])[0].cpu().numpy()
@@ -290,5 +310,5 @@ class SaveExplanationFigured(MapTransform):
                 maps.update({str(name): level.cpu().numpy() for name, level in zip(names, levels, strict=True)})
             maps["fused"] = torch.as_tensor(d[key])[0].cpu().numpy()
             path = os.path.join(self.output_dir, f"{stem}_{key}.png")
-            explanation_figure(torch.as_tensor(image)[0].cpu().numpy(), maps, path, mask=mask)
+            explanation_figure(torch.as_tensor(image)[0].cpu().numpy(), maps, path, mask=mask, title=title)
         return d

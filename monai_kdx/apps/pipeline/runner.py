@@ -3,14 +3,16 @@ hierarchical explanations of all four, and a summary report, as one MLflow paren
 child run per stage.
 
 Every stage is a sequence of the bundle's own configs (the same files ``python -m monai.bundle run``
-takes; see the README), run in-process. The pipeline creates each stage's child run and passes its
-name as ``run_name``: the bundle's ``MLFlowHandler``\\ s log into it (MONAI's handler picks the
-unfinished run with that name), so params, metrics, checkpoints, NIfTI heatmaps, figures and the
-registered models all land in the stage's child run.
+takes; see the README), run in-process; the stages and their models are listed once, in
+:mod:`.stages`. The pipeline creates each stage's child run and passes its name as ``run_name``: the
+bundle's MLflow handlers log into it (they adopt the running run with that name), so params, metrics,
+checkpoints, NIfTI heatmaps, figures and the registered models all land in the stage's child run.
 
-After each stage, ``<output_dir>/pipeline.json`` records the stage's run id, metrics and outputs. An
-interrupted pipeline started again with the same settings skips the completed stages (their runs
-and files are kept) and resumes at the first stage not completed; the parent run is reused.
+After each stage, ``<output_dir>/pipeline.json`` records the stage's run id, metrics, outputs and the SHA-256 of
+every output file. An interrupted pipeline started again with the same settings skips the completed stages whose
+files are unchanged (their runs and files are kept) and resumes at the first stage not completed, or whose files
+changed since; the parent run is reused. One pipeline at a time holds the output folder (a lock names the holder).
+Paths travel as plain config values, never pasted into config expressions.
 """
 
 from __future__ import annotations
@@ -18,17 +20,25 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .bundles import QUICK_OVERRIDES, StageResult, bundle_path, run_bundle
+import torch
 
-__all__ = ["STAGES", "Pipeline", "PipelineResult", "check_checkpoint", "run_pipeline"]
+from monai_kdx.networks import build_network, load_weights
+from monai_kdx.pruning import load_pruned
+from monai_kdx.tracking import Tracker, check_tracking_uri, default_tracking_uri
 
-STAGES = ("teacher", "distill", "prune", "saliency", "explain")
+from .bundles import QUICK_OVERRIDES, StageResult, bundle_parser, bundle_path, run_bundle
+from .stages import MODELS, STAGES, ModelEntry, model, stage_inputs, stage_outputs
+from .state import OutputLock, changed_files, digests, dump_json
+from .summary import write_summary
+
+__all__ = ["Pipeline", "PipelineResult", "check_checkpoint", "run_pipeline", "STAGE_FUNCTIONS"]
+
 STATE_FILE = "pipeline.json"
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 # Quick mode (tests, smoke runs): QUICK_OVERRIDES for every bundle run, plus these per stage.
 QUICK_STAGE_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -44,31 +54,6 @@ STAGE_OVERRIDES: dict[str, dict[str, Any]] = {
     "explain": {"faithfulness_steps": 8, "explain_limit": 24},
 }
 
-# What each stage reads and writes, relative to the output folder.
-TEACHER_CKPT = os.path.join("models", "model.pt")
-STUDENT_CKPT = os.path.join("student", "model.pt")
-PRUNED_FILE = os.path.join("pruned", "model_pruned.pt")
-SALIENCY_CKPT = os.path.join("saliency", "model.pt")
-STAGE_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
-    "teacher": (),
-    "distill": ((TEACHER_CKPT, "the teacher checkpoint"),),
-    "prune": ((STUDENT_CKPT, "the distilled student checkpoint"),),
-    "saliency": ((STUDENT_CKPT, "the distilled student checkpoint"),),
-    "explain": (
-        (TEACHER_CKPT, "the teacher checkpoint"),
-        (STUDENT_CKPT, "the distilled student checkpoint"),
-        (PRUNED_FILE, "the pruned student"),
-        (SALIENCY_CKPT, "the saliency-guided student checkpoint"),
-    ),
-}
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "teacher": (TEACHER_CKPT,),
-    "distill": (STUDENT_CKPT,),
-    "prune": (PRUNED_FILE,),
-    "saliency": (SALIENCY_CKPT,),
-    "explain": (os.path.join("report", "report.md"),),
-}
-
 
 def check_checkpoint(path: str, stage: str, description: str) -> None:
     """Fail with a message naming the file and the reason when a stage's input is missing or unreadable.
@@ -78,8 +63,6 @@ def check_checkpoint(path: str, stage: str, description: str) -> None:
         ValueError: the file cannot be read by ``torch.load(weights_only=True)`` (truncated, corrupt, not a
             checkpoint) or holds no weights.
     """
-    import torch
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"stage {stage!r} needs {description} {path}: the file does not exist.")
     try:
@@ -113,8 +96,8 @@ class Pipeline:
 
     Args:
         output_dir: data, checkpoints, explanations, the report, ``pipeline.json`` and (by default) the
-            MLflow store go here.
-        bundle: the bundle in ``bundles/`` (``"brain_mri_3d"`` or ``"chest_xray_2d"``).
+            MLflow store and its artifacts go here.
+        bundle: the bundle shipped with the package (``"brain_mri_3d"`` or ``"chest_xray_2d"``).
         quick: tiny data and one epoch per training stage (tests, smoke runs).
         tracking_uri: MLflow tracking URI; default ``sqlite:///<output_dir>/mlruns.db``. Checked before any
             work (an unreachable server fails at once).
@@ -136,13 +119,12 @@ class Pipeline:
         restart: bool = False,
         **overrides: Any,
     ) -> None:
-        from monai_kdx.tracking import check_tracking_uri, default_tracking_uri
-
         bundle_path(bundle)  # an unknown bundle fails here
         self.output_dir = os.path.abspath(os.fspath(output_dir))
         self.bundle = bundle
         self.quick = quick
         self.tracking_uri = check_tracking_uri(tracking_uri or default_tracking_uri(self.output_dir))
+        self.tracker = Tracker(self.tracking_uri)
         self.experiment_name = experiment_name or bundle
         self.overrides = dict(overrides)
         self.settings = {
@@ -174,15 +156,18 @@ class Pipeline:
 
     def _save_state(self) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
-        temporary = self.state_path + ".tmp"
-        with open(temporary, "w") as stream:
-            json.dump(self.state, stream, indent=2)
-        os.replace(temporary, self.state_path)
+        dump_json(self.state_path, self.state)
+
+    def changed(self, stage: str) -> list[str]:
+        """The outputs of a completed ``stage`` that are missing or changed since it completed (checksums)."""
+        record = self.state["stages"].get(stage)
+        if not record:
+            return list(stage_outputs(stage))
+        return changed_files(self.output_dir, record.get("outputs", {}))
 
     def completed(self, stage: str) -> bool:
-        """Whether ``stage`` completed and its outputs are still there."""
-        record = self.state["stages"].get(stage)
-        return bool(record) and all(os.path.isfile(self.path(p)) for p in STAGE_OUTPUTS[stage])
+        """Whether ``stage`` completed and its outputs are unchanged since."""
+        return stage in self.state["stages"] and not self.changed(stage)
 
     def path(self, relative: str) -> str:
         """An output path, absolute."""
@@ -203,18 +188,25 @@ class Pipeline:
         }
 
     def run_in(self, run_id: str, stage: str, configs: Sequence[str], engines: Sequence[str], **extra: Any):
-        """One bundle run logging into the existing run ``run_id`` (reopened: MONAI's handler ends it)."""
-        from mlflow.tracking import MlflowClient
-
-        from monai_kdx.tracking import reopen_run
-
-        reopen_run(self.tracking_uri, run_id)
-        name = MlflowClient(self.tracking_uri).get_run(run_id).info.run_name
+        """One bundle run logging into the existing run ``run_id`` (reopened: the bundle's handler ends it)."""
+        self.tracker.reopen(run_id)
+        name = self.tracker.client.get_run(run_id).info.run_name
         return run_bundle(self.bundle, list(configs), engines, **{**self.bundle_settings(stage, name), **extra})
+
+    def parser(self, configs: Sequence[str], stage: str = "explain") -> Any:
+        """A ``ConfigParser`` of the bundle's ``configs`` with this pipeline's settings (nothing is run)."""
+        return bundle_parser(self.bundle, configs, self.bundle_settings(stage, "summary"))
+
+    def load_model(self, entry: ModelEntry) -> torch.nn.Module:
+        """A trained model of the table, on the CPU in eval mode, from its file."""
+        if entry.pruned:
+            return load_pruned(self.path(entry.checkpoint)).cpu().eval()
+        spec = self.parser(entry.configs).get_parsed_content("network_spec")
+        return load_weights(build_network(spec), self.path(entry.checkpoint)).eval()
 
     # --- the pipeline ------------------------------------------------------------------------------
     def run(self, until: str | None = None) -> PipelineResult:
-        """Run (or resume) the stages in order, up to and including ``until``.
+        """Run (or resume) the stages in order, up to and including ``until``, holding the output folder.
 
         Returns:
             A :class:`PipelineResult`.
@@ -222,19 +214,23 @@ class Pipeline:
         Raises:
             ValueError: ``until`` is not a stage; a stage input is corrupt (names the file).
             FileNotFoundError: a stage input is missing (names the file).
+            FolderInUseError: another pipeline holds the output folder.
         """
-        from monai_kdx.tracking import end_run, reopen_run, start_parent_run
-
         if until is not None and until not in STAGES:
             raise ValueError(f"unknown stage {until!r}; stages: {STAGES}.")
-        last = STAGES.index(until) if until else len(STAGES) - 1
+        with OutputLock(self.output_dir):
+            return self._run(STAGES.index(until) if until else len(STAGES) - 1)
+
+    def _run(self, last: int) -> PipelineResult:
         first = next((i for i, stage in enumerate(STAGES) if not self.completed(stage)), len(STAGES))
+        if first < len(STAGES) and STAGES[first] in self.state["stages"]:
+            print(f"[pipeline] {STAGES[first]}: outputs changed since it completed {self.changed(STAGES[first])}, "
+                  "running it again")  # fmt: skip
         for stage in STAGES[first:]:  # a stage run again invalidates what came after it
             self.state["stages"].pop(stage, None)
         skipped = list(STAGES[: min(first, last + 1)])
         if self.state["parent_run_id"] is None:
-            self.state["parent_run_id"] = start_parent_run(
-                self.tracking_uri,
+            self.state["parent_run_id"] = self.tracker.start_parent(
                 self.experiment_name,
                 run_name="pipeline",
                 params={"bundle": self.bundle, "quick": self.quick, **self.overrides},
@@ -242,7 +238,7 @@ class Pipeline:
             )
             self._save_state()
         else:
-            reopen_run(self.tracking_uri, self.state["parent_run_id"])
+            self.tracker.reopen(self.state["parent_run_id"])
         parent = self.state["parent_run_id"]
         for stage in skipped:
             print(f"[pipeline] {stage}: completed earlier (run {self.state['stages'][stage]['run_id']}), skipped")
@@ -250,9 +246,9 @@ class Pipeline:
             for stage in STAGES[first : last + 1]:
                 self._run_stage(stage, parent)
         except BaseException as error:
-            end_run(self.tracking_uri, parent, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            self.tracker.end(parent, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
             raise
-        end_run(self.tracking_uri, parent, "FINISHED")
+        self.tracker.end(parent, "FINISHED")
         explain = self.state["stages"].get("explain", {})
         return PipelineResult(
             output_dir=self.output_dir,
@@ -266,30 +262,33 @@ class Pipeline:
         )
 
     def _run_stage(self, stage: str, parent: str) -> None:
-        from monai_kdx.tracking import end_run, start_child_run
-
-        for relative, description in STAGE_INPUTS[stage]:  # before any run or file is created
-            check_checkpoint(self.path(relative), stage, description)
+        for entry in stage_inputs(stage):  # before any run or file is created
+            check_checkpoint(self.path(entry.checkpoint), stage, f"{entry.description} checkpoint")
+        for relative in stage_outputs(stage):  # never pick up a file this run did not write
+            if os.path.isfile(self.path(relative)):
+                os.remove(self.path(relative))
         print(f"[pipeline] {stage}: running")
         start = time.perf_counter()
-        run_id = start_child_run(self.tracking_uri, parent, stage)
+        run_id = self.tracker.start_child(parent, stage)
         try:
             record = STAGE_FUNCTIONS[stage](self, run_id)
         except BaseException as error:
-            end_run(self.tracking_uri, run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            self.tracker.end(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
             raise
-        end_run(self.tracking_uri, run_id, "FINISHED")
-        record.update(run_id=run_id, seconds=round(time.perf_counter() - start, 1))
+        self.tracker.end(run_id, "FINISHED")
+        missing = [relative for relative in stage_outputs(stage) if not os.path.isfile(self.path(relative))]
+        if missing:
+            raise RuntimeError(f"stage {stage!r} finished without writing {missing}.")
+        record.update(
+            run_id=run_id,
+            seconds=round(time.perf_counter() - start, 1),
+            outputs=digests(self.output_dir, stage_outputs(stage)),
+        )
         self.state["stages"][stage] = record
         self._save_state()
-        self._log_to_parent(parent, stage, record)
-        print(f"[pipeline] {stage}: done in {record['seconds']:.0f} s {record['metrics']}")
-
-    def _log_to_parent(self, parent: str, stage: str, record: dict[str, Any]) -> None:
-        from monai_kdx.tracking import log_metrics
-
         values = {f"{stage}_{key}": value for key, value in record["metrics"].items()}
-        log_metrics(self.tracking_uri, parent, {**values, f"{stage}_seconds": record["seconds"]})
+        self.tracker.log_metrics(parent, {**values, f"{stage}_seconds": record["seconds"]})
+        print(f"[pipeline] {stage}: done in {record['seconds']:.0f} s {record['metrics']}")
 
 
 # --- the stages: each runs the bundle's configs into its child run and returns its record ----------
@@ -299,93 +298,102 @@ def _metrics(*results: StageResult) -> dict[str, float]:
     return {key: value for result in results for key, value in result.metrics.items()}
 
 
-def _registered_models(pipeline: Pipeline, run_id: str) -> list[dict[str, str]]:
-    from mlflow.tracking import MlflowClient
-
-    versions = MlflowClient(pipeline.tracking_uri).search_model_versions(f"run_id = '{run_id}'")
-    return [{"name": v.name, "version": str(v.version), "uri": f"models:/{v.name}/{v.version}"} for v in versions]
+def _train_and_test(pipeline: Pipeline, run_id: str, entry: ModelEntry, **extra: Any) -> dict[str, Any]:
+    """A model's training stage: its configs, then the same with ``evaluate.yaml`` on the test split."""
+    train = pipeline.run_in(run_id, entry.stage, entry.configs, ["train#trainer", "validate#evaluator"], **extra)
+    test = pipeline.run_in(run_id, entry.stage, [*entry.configs, "evaluate.yaml"], ["evaluator"], **extra)
+    return {"metrics": _metrics(train, test), "models": pipeline.tracker.registered_models(run_id)}
 
 
 def _stage_teacher(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
-    from mlflow.tracking import MlflowClient
-
     from monai_kdx.visualize import datalist_preview
 
-    train = pipeline.run_in(run_id, "teacher", ["train_teacher.yaml"], ["train#trainer", "validate#evaluator"])
+    record = _train_and_test(pipeline, run_id, model("teacher"))
     preview = pipeline.path("dataset_preview.png")
-    datalist_preview(train.extras["datalist"], preview)
-    MlflowClient(pipeline.tracking_uri).log_artifact(run_id, preview)
-    test = pipeline.run_in(run_id, "teacher", ["train_teacher.yaml", "evaluate.yaml"], ["evaluator"])
-    return {"metrics": _metrics(train, test), "preview": preview}
+    datalist_preview(pipeline.parser(model("teacher").configs).get_parsed_content("datalist"), preview)
+    pipeline.tracker.client.log_artifact(run_id, preview)
+    return {**record, "preview": preview}
 
 
 def _stage_distill(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
-    configs = ["train_teacher.yaml", "distill.yaml"]
-    train = pipeline.run_in(run_id, "distill", configs, ["train#trainer", "validate#evaluator"])
-    test = pipeline.run_in(run_id, "distill", [*configs, "evaluate.yaml"], ["evaluator"])
-    return {"metrics": _metrics(train, test), "models": _registered_models(pipeline, run_id)}
+    return _train_and_test(pipeline, run_id, model("student"))
 
 
 def _stage_prune(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
+    entry = model("pruned")
     engines = ["train#trainer", "validate#evaluator", "test#evaluator"]
-    result = pipeline.run_in(run_id, "prune", ["train_teacher.yaml", "prune.yaml"], engines)
-    return {"metrics": result.metrics, "models": _registered_models(pipeline, run_id)}
+    result = pipeline.run_in(run_id, entry.stage, entry.configs, engines)
+    return {"metrics": result.metrics, "models": pipeline.tracker.registered_models(run_id)}
 
 
 def _stage_saliency(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
-    """The distilled student fine-tuned with its Grad-CAM pulled toward the gaze maps (saliency_train.yaml)."""
-    configs = ["train_teacher.yaml", "saliency_train.yaml"]
-    student = pipeline.path(STUDENT_CKPT)
-    network = "monai_kdx.networks.build_network(@student_def).to(@device)"
-    start = {"network": f"$monai_kdx.networks.load_weights({network}, {student!r})"}
-    train = pipeline.run_in(run_id, "saliency", configs, ["train#trainer", "validate#evaluator"], **start)
-    test = pipeline.run_in(run_id, "saliency", [*configs, "evaluate.yaml"], ["evaluator"])
-    return {"metrics": _metrics(train, test)}
+    """The distilled student fine-tuned with its saliency pulled toward the gaze maps (saliency_train.yaml)."""
+    student = pipeline.path(model("student").checkpoint)  # a plain value: paths are never pasted into expressions
+    return _train_and_test(pipeline, run_id, model("saliency"), start_checkpoint=student)
 
 
-def explained_models(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
-    """The four explained models: the bundle overlays that build each and the extra overrides."""
-    pruned = pipeline.path(PRUNED_FILE)
-    return {
-        "teacher": {"configs": ["train_teacher.yaml"], "extra": {}},
-        "student": {"configs": ["train_teacher.yaml", "distill.yaml"], "extra": {}},
-        "pruned": {
-            "configs": ["train_teacher.yaml"],
-            "extra": {
-                "network": f"$monai_kdx.pruning.load_pruned({pruned!r}).to(@device)",
-                "ckpt_path": pruned,
-                "handlers#0#_disabled_": True,  # the CheckpointLoader: the weights are in the file
-                "tracked_params#network": "pruned student",
-            },
-        },
-        "saliency": {"configs": ["train_teacher.yaml", "saliency_train.yaml"], "extra": {}},
-    }
+def _explain_settings(pipeline: Pipeline, entry: ModelEntry) -> dict[str, Any]:
+    """The overrides that make explain.yaml explain ``entry`` from its file."""
+    if entry.pruned:  # the weights are in the file: no CheckpointLoader (the test handlers' first)
+        network = "$monai_kdx.pruning.load_pruned(@pruned_path).to(@device)"
+        return {"pruned_path": pipeline.path(entry.checkpoint), "network": network, "handlers#0#_disabled_": True}
+    return {"ckpt_path": pipeline.path(entry.checkpoint)}
 
 
 def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
-    from mlflow.tracking import MlflowClient
-
-    from monai_kdx.tracking import end_run, log_metrics, start_child_run
-
-    from .summary import write_summary
-
     metrics, explain_runs, per_model = {}, {}, {}
-    for name, spec in explained_models(pipeline).items():
-        child = start_child_run(pipeline.tracking_uri, run_id, f"explain_{name}", stage="explain")
-        folder = pipeline.path(os.path.join("explanations", name))
+    folders = {}
+    for entry in MODELS:
+        child = pipeline.tracker.start_child(run_id, f"explain_{entry.name}", stage="explain")
+        folders[entry.name] = pipeline.path(os.path.join("explanations", entry.name))
+        # a pruned model comes with its architecture in its file: the base config and the file suffice
+        configs = entry.configs[:1] if entry.pruned else entry.configs
         result = pipeline.run_in(
-            child, "explain", [*spec["configs"], "explain.yaml"], ["evaluator"], explanation_dir=folder, **spec["extra"]
+            child,
+            "explain",
+            [*configs, "explain.yaml"],
+            ["evaluator"],
+            explanation_dir=folders[entry.name],
+            **_explain_settings(pipeline, entry),
         )
-        end_run(pipeline.tracking_uri, child, "FINISHED")
-        explain_runs[name] = child
-        per_model[name] = result.metrics
-        metrics.update({f"{name}_{key}": value for key, value in result.metrics.items()})
-    summary, report = write_summary(pipeline, pipeline.path("report"), per_model)
-    log_metrics(pipeline.tracking_uri, run_id, {f"{row['model']}_{k}": v for row in summary for k, v in row.items()})
-    client = MlflowClient(pipeline.tracking_uri)
-    client.log_artifacts(run_id, pipeline.path("report"), "report")
-    client.log_artifacts(pipeline.state["parent_run_id"], pipeline.path("report"), "report")
+        pipeline.tracker.end(child, "FINISHED")
+        explain_runs[entry.name] = child
+        per_model[entry.name] = result.metrics
+        metrics.update({f"{entry.name}_{key}": value for key, value in result.metrics.items()})
+    models = {entry.name: pipeline.load_model(entry) for entry in MODELS}
+    accuracies = {
+        entry.name: pipeline.state["stages"].get(entry.stage, {}).get("metrics", {}).get("test_accuracy")
+        for entry in MODELS
+    }
+    summary, report = write_summary(
+        models,
+        _test_samples(pipeline, 3),
+        pipeline.path("report"),
+        accuracies=accuracies,
+        explain_metrics=per_model,
+        explanation_folders=folders,
+        title=f"monai_kdx pipeline report: {pipeline.bundle}",
+        notes=f"MLflow: `{pipeline.tracking_uri}`, experiment `{pipeline.experiment_name}`, parent run "
+        f"`{pipeline.state['parent_run_id']}`.",
+    )
+    pipeline.tracker.log_metrics(run_id, {f"{row['model']}_{k}": v for row in summary for k, v in row.items()})
+    pipeline.tracker.client.log_artifacts(run_id, pipeline.path("report"), "report")
+    pipeline.tracker.client.log_artifacts(pipeline.state["parent_run_id"], pipeline.path("report"), "report")
     return {"metrics": metrics, "explain_runs": explain_runs, "summary": summary, "report": report}
+
+
+def _test_samples(pipeline: Pipeline, limit: int) -> list[Mapping[str, Any]]:
+    """Up to ``limit`` test samples with a lesion (image, label, mask), preprocessed as in explain.yaml."""
+    parser = pipeline.parser(["train_teacher.yaml", "explain.yaml"])
+    transform = parser.get_parsed_content("validate#preprocessing")
+    samples = []
+    for item in parser.get_parsed_content("test#dataset").data:
+        sample = transform(item)
+        if float(sample["mask"].sum()) > 0:
+            samples.append(sample)
+        if len(samples) == limit:
+            break
+    return samples
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Pipeline, str], dict[str, Any]]] = {

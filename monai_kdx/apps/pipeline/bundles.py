@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BUNDLES_DIR", "QUICK_OVERRIDES", "bundle_path", "run_bundle", "StageResult"]
+__all__ = ["BUNDLES_DIR", "QUICK_OVERRIDES", "bundle_path", "bundle_parser", "run_bundle", "StageResult"]
 
-BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
+BUNDLES_DIR = Path(__file__).resolve().parents[3] / "bundles"
 
 # Settings of the quick mode used by tests: a tiny dataset and one epoch.
 QUICK_OVERRIDES = {"n_samples": 16, "spatial_size": 32, "max_epochs": 1, "batch_size": 4}
@@ -28,6 +28,18 @@ def bundle_path(name: str) -> Path:
         available = sorted(p.name for p in BUNDLES_DIR.glob("*") if (p / "configs" / "metadata.json").is_file())
         raise FileNotFoundError(f"no bundle {name!r} in {BUNDLES_DIR}; available: {available}.")
     return path
+
+
+def bundle_parser(bundle: str, configs: Sequence[str], overrides: dict[str, Any] | None = None) -> Any:
+    """A MONAI ``ConfigParser`` of a bundle's ``configs`` (laid on each other in order) with ``overrides``; nothing
+    is instantiated until asked for (``parser.get_parsed_content(id)``)."""
+    from monai.bundle import ConfigParser
+
+    root = bundle_path(bundle)
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / name) for name in configs])
+    parser.update({**(overrides or {}), "bundle_root": str(root)})
+    return parser
 
 
 @dataclass
