@@ -6,6 +6,8 @@
 - ``monai-kdx compare-explanations [--quick] [--out DIR] [--kind KIND ...] [--methods a,b]``: every
   explanation method scored for localization, faithfulness, the randomization sanity check and time per
   image on 2D and 3D data; writes ``report.md``, ``report.png`` and ``report.json``.
+- ``monai-kdx bundle list`` / ``monai-kdx bundle export NAME DIR``: the MONAI bundles shipped in the package; copy
+  one out as a plain bundle folder to edit and run with ``python -m monai.bundle run``.
 """
 
 from __future__ import annotations
@@ -78,7 +80,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="also log the report (tables, plot, JSON) and per-method scores to a run of experiment "
         "'compare_explanations' in this MLflow store (checked before any work)",
     )
+
+    bundle = commands.add_parser("bundle", help="the MONAI bundles shipped in the package: list them, copy one out")
+    bundle_commands = bundle.add_subparsers(dest="bundle_command", required=True)
+    bundle_commands.add_parser("list", help="the packaged bundles and their tasks")
+    export = bundle_commands.add_parser(
+        "export",
+        help="copy a packaged bundle out as a plain MONAI bundle folder (configs/, docs/) to edit and run with "
+        "python -m monai.bundle run",
+    )
+    export.add_argument("name", help="bundle name (see: monai-kdx bundle list)")
+    export.add_argument("dir", help="the new bundle folder (must not exist, or be empty)")
     return parser
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    import json
+
+    from monai_kdx.apps.pipeline import BUNDLES_DIR, available_bundles, bundle_path, export_bundle
+
+    if args.bundle_command == "list":
+        for name in available_bundles():
+            meta = json.loads((bundle_path(name) / "configs" / "metadata.json").read_text())
+            print(f"{name}\t{meta.get('task', '')}")
+        return 0
+    folder = export_bundle(args.name, args.dir)
+    config = folder / "configs" / "train_teacher.yaml"
+    print(f"bundle {args.name!r} exported to {folder}")
+    print(f"run it with: python -m monai.bundle run --config_file {config} --bundle_root {folder}")
+    print(
+        f"check its metadata with: python -m monai.bundle verify_metadata --meta_file {folder / 'configs'}"
+        f"/metadata.json --filepath {BUNDLES_DIR / 'meta_schema.json'}"
+    )
+    return 0
 
 
 def _make_dataset(args: argparse.Namespace) -> int:
@@ -219,7 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``monai-kdx`` console script."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
-    handlers = {"make-dataset": _make_dataset, "demo": _demo, "compare-explanations": _compare_explanations}
+    handlers = {
+        "make-dataset": _make_dataset,
+        "demo": _demo,
+        "compare-explanations": _compare_explanations,
+        "bundle": _bundle,
+    }
     try:
         return handlers[args.command](args)
     except (ValueError, KeyError, OSError) as error:  # bad input: a clear message, no traceback

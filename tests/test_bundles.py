@@ -91,6 +91,17 @@ def test_brain_mri_3d_explain_writes_overlaying_heatmaps_and_logs_metrics(brain_
     assert 0 <= metrics["pointing_game"] <= 1 and 0 <= metrics["deletion_auc"] <= 1
     assert summary["params"]["cam_mode"] == "gradcam"
     assert len([a for a in summary["artifacts"] if a.endswith("_cam.nii.gz")]) == len(datalist["test"])
+    # a random map beside the map; one row per case, whose means are the logged metrics
+    assert {"random_pointing_game", "random_deletion_auc", "random_insertion_auc"} <= set(metrics)
+    from monai_kdx.handlers import read_case_table
+
+    rows = read_case_table(str(folder / "cases.csv"))
+    assert len(rows) == len(datalist["test"]) and "cases.csv" in summary["artifacts"]
+    hits = [row["cam_pointing_game"] for row in rows if not np.isnan(row["cam_pointing_game"])]
+    assert metrics["pointing_game"] == pytest.approx(np.mean(hits))
+    assert metrics["test_accuracy"] == pytest.approx(np.mean([row["correct"] for row in rows]))
+    lesion_free = [row for row in rows if row["label"] == 0]  # class 0: no tumour, nothing to point at
+    assert all(np.isnan(row["cam_pointing_game"]) for row in lesion_free)
 
 
 @pytest.mark.slow

@@ -118,11 +118,19 @@ def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_en
 
     # the summary: four models, the pruned one smallest, values measured (finite), the table printed
     rows = {row["model"]: row for row in json.loads((out / "report" / "summary.json").read_text())["rows"]}
-    assert list(rows) == ["teacher", "student", "pruned", "saliency"]
+    assert list(rows) == ["teacher", "student", "pruned", "saliency", "random map"]
+    models = ("teacher", "student", "pruned", "saliency")
     assert rows["pruned"]["params"] < rows["student"]["params"] < rows["teacher"]["params"]
     assert rows["pruned"]["macs_m"] < rows["student"]["macs_m"] < rows["teacher"]["macs_m"]
-    assert all(np.isfinite(rows[m]["latency_ms"]) and rows[m]["explain_ms"] > 0 for m in rows)
+    assert all(np.isfinite(rows[m]["latency_ms"]) and rows[m]["explain_ms"] > 0 for m in models)
     assert all(-1 <= rows[m]["agreement_teacher"] <= 1 for m in ("student", "pruned", "saliency"))
+    # every accuracy, pointing game and agreement with its 95% bootstrap interval and the cases behind it
+    for m in models:
+        for key in ("test_accuracy", "pointing_game"):
+            assert rows[m][f"{key}_low"] <= rows[m][key] <= rows[m][f"{key}_high"] and rows[m][f"{key}_n"] > 0
+        assert rows[m]["training"].split()[1] in ("(plateau)", "(cap)", "(budget)")
+    assert rows["student"]["agreement_teacher_n"] == rows["teacher"]["test_accuracy_n"]  # every test case
+    assert 0 <= rows["random map"]["pointing_game"] <= 1 and "random map" in (out / "report" / "report.md").read_text()
     assert "| pruned |" in resumed.stdout
     assert (out / "report" / "hierarchy.png").stat().st_size > 10_000
 

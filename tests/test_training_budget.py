@@ -1,4 +1,4 @@
-"""Training that stops on its own: the reason (plateau, cap, budget), epochs and best score, recorded."""
+"""Training that stops on its own (plateau, cap, budget), with the reason, epochs and best score recorded."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 from ignite.engine import Events
 from ignite.metrics import Accuracy
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import EarlyStopHandler, ValidationHandler
+from monai.handlers import ValidationHandler
 from monai.handlers.utils import from_engine
 
-from monai_kdx.handlers import TrainingBudget
+from monai_kdx.handlers import TrainingStop, check_stopping
 from monai_kdx.networks import ShallowCNN
 
 
@@ -33,11 +33,10 @@ def _run(tmp_path, max_epochs=6, budget=None, patience=None, sleep=0.0, spatial_
         optimizer=torch.optim.SGD(network.parameters(), lr=0.0), loss_function=torch.nn.CrossEntropyLoss(),
         train_handlers=[ValidationHandler(1, evaluator, epoch_level=True)], decollate=False,
     )  # fmt: skip
-    if patience is not None:  # the accuracy never improves (lr 0): the plateau stops after `patience` epochs
-        EarlyStopHandler(patience, lambda engine: engine.state.metrics["val_accuracy"], trainer).attach(evaluator)
     if sleep:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: time.sleep(sleep))
-    budget_handler = TrainingBudget(budget, evaluator, str(tmp_path / "training.json"))
+    # the accuracy never improves (lr 0): a patience stops training `patience` epochs after the first
+    budget_handler = TrainingStop(patience, budget, evaluator, str(tmp_path / "training.json"))
     budget_handler.attach(trainer)
     trainer.run()
     return trainer, json.loads((tmp_path / "training.json").read_text())
@@ -63,7 +62,14 @@ def test_the_budget_stops_when_the_next_epoch_would_not_fit(tmp_path):
     assert report["seconds"] <= 0.35 and report["budget_seconds"] == 0.35
 
 
-def test_a_budget_must_be_positive():
+def test_bad_stopping_settings_are_refused():
     for bad in (0, -1, True):
         with pytest.raises(ValueError, match="time budget must be a positive number"):
-            TrainingBudget(bad)
+            TrainingStop(seconds=bad)
+    with pytest.raises(ValueError, match="patience needs the validator"):
+        TrainingStop(patience=3)
+    with pytest.raises(ValueError, match="patience 9 is larger than the epoch cap max_epochs 5"):
+        check_stopping(5, 9)
+    with pytest.raises(ValueError, match="max_epochs .* must be an integer >= 1"):
+        check_stopping(0, None)
+    check_stopping(5, None, 30.0)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from .budget import STOP_REASONS, TrainingBudget
+from .budget import STOP_REASONS, FinalEvaluation, TrainingStop, check_stopping
+from .cases import CaseTable, read_case_table
 from .guards import FiniteGuard
-from .output_transforms import column, scalars, stacked
+from .output_transforms import column, mean_of, scalars, stacked
 from .progress import ProgressBar
 from .pruning import RelevancePruningHandler
 from .saliency import SaliencyGuidance
@@ -12,7 +13,10 @@ from .tracking import MLflowModelLogger, MLflowRunHandler
 
 __all__ = [
     "STOP_REASONS",
-    "TrainingBudget",
+    "FinalEvaluation",
+    "TrainingStop",
+    "check_stopping",
+    "CaseTable",
     "FiniteGuard",
     "MLflowModelLogger",
     "MLflowRunHandler",
@@ -20,6 +24,8 @@ __all__ = [
     "RelevancePruningHandler",
     "SaliencyGuidance",
     "column",
+    "mean_of",
+    "read_case_table",
     "scalars",
     "stacked",
 ]

@@ -1,11 +1,11 @@
-"""Training that stops on its own: a wall-time budget and a record of why and when training stopped.
+"""Training that stops on its own: on a validation plateau, at the epoch cap or before a wall-time budget is
+overrun, with a record of why and when.
 
-With MONAI's ``EarlyStopHandler`` on the validation metric (a plateau), ``max_epochs`` as a cap and
-:class:`TrainingBudget` for the wall time, a bundle trains as long as its data needs instead of a fixed number of
-epochs tuned to one dataset. :class:`TrainingBudget` also writes what happened (epochs run, why it stopped: plateau,
-cap or budget, the best validation score and its epoch) to ``engine.state.metrics`` (logged by MLflow handlers as
-``epochs_run``, ``stopped_by_*``, ``best_*``) and to a JSON file next to the checkpoints, which the main job's
-report reads.
+With :class:`TrainingStop` on a trainer, a bundle trains as long as its data needs instead of a fixed number of
+epochs tuned to one dataset. It writes what happened (epochs run, why it stopped: plateau, cap or budget, the best
+validation score and its epoch) to ``engine.state.metrics`` (``epochs_run``, ``stopped_by_*``) and to a JSON file
+next to the checkpoints, which the main job's report reads. :class:`FinalEvaluation` runs an evaluator when the
+trainer completes, whatever stopped it.
 """
 
 from __future__ import annotations
@@ -18,32 +18,72 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-__all__ = ["STOP_REASONS", "TrainingBudget"]
+__all__ = ["STOP_REASONS", "FinalEvaluation", "TrainingStop", "check_stopping"]
 
 STOP_REASONS = ("plateau", "cap", "budget")
 
 
-class TrainingBudget:
-    """Stop a trainer before it would overrun ``seconds``, and record why training stopped.
-
-    At the end of every epoch the time of the next epoch is estimated as the longest epoch so far (validation
-    included); when it would not fit in what is left of the budget, the trainer terminates. At completion the
-    reason is ``"budget"`` (this handler stopped it), ``"cap"`` (``max_epochs`` reached) or ``"plateau"`` (another
-    handler, e.g. MONAI's ``EarlyStopHandler``, terminated it).
-
-    Args:
-        seconds: the wall-time budget of the whole run (``None`` or ``inf``: none, the reason is recorded only).
-        validator: the evaluator whose key metric is recorded as the best score (optional).
-        report_path: a JSON file written at completion (rank 0): ``epochs_run``, ``max_epochs``, ``stop_reason``,
-            ``seconds``, ``budget_seconds``, ``best_metric``, ``best_metric_epoch``, ``metric_name``.
+def check_stopping(max_epochs: int, patience: int | None, time_budget: float | None = None) -> None:
+    """Refuse stopping settings that cannot work, before any training: an epoch cap below 1, a patience below 1
+    or larger than the cap (the plateau could never stop training), a budget that is not a positive number.
 
     Raises:
-        ValueError: a budget that is not a positive number.
+        ValueError: naming the setting.
+    """
+    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+        raise ValueError(f"max_epochs (the epoch cap) must be an integer >= 1, got {max_epochs!r}.")
+    if patience is not None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an integer >= 1 (epochs without improvement), got {patience!r}.")
+        if patience > max_epochs:
+            raise ValueError(
+                f"patience {patience} is larger than the epoch cap max_epochs {max_epochs}: the plateau could never "
+                "stop training; lower the patience or raise the cap."
+            )
+    if time_budget is not None and (isinstance(time_budget, bool) or not float(time_budget) > 0):
+        raise ValueError(f"time_budget must be a positive number of seconds or null, got {time_budget!r}.")
+
+
+class TrainingStop:
+    """Stop a trainer on a validation plateau or before it would overrun a time budget, and record why it stopped.
+
+    Attach it to the trainer after the ``ValidationHandler`` (it reads the validation of the epoch that just ended).
+    At the end of every epoch:
+
+    - plateau: when the validator's key metric (MONAI evaluators track its best value and epoch) has not improved
+      for ``patience`` epochs, the trainer terminates;
+    - budget: the time of the next epoch is estimated as the longest epoch so far (validation included); when it
+      would not fit in what is left of ``seconds``, the trainer terminates.
+
+    At completion the reason is ``"plateau"``, ``"budget"`` or ``"cap"`` (``max_epochs`` reached, or another handler
+    terminated it at the last epoch).
+
+    Args:
+        patience: epochs without a better validation score before stopping (``None``: no plateau stop).
+        seconds: the wall-time budget of the whole run (``None``: none).
+        validator: the evaluator whose key metric decides the plateau and is recorded as the best score (needed
+            with ``patience``).
+        report_path: a JSON file written at completion (rank 0): ``epochs_run``, ``max_epochs``, ``stop_reason``,
+            ``seconds``, ``budget_seconds``, ``patience``, ``best_metric``, ``best_metric_epoch``, ``metric_name``.
+
+    Raises:
+        ValueError: a budget that is not a positive number, a patience below 1, a patience without a validator.
     """
 
-    def __init__(self, seconds: float | None = None, validator: Engine | None = None, report_path: str | None = None):
+    def __init__(
+        self,
+        patience: int | None = None,
+        seconds: float | None = None,
+        validator: Engine | None = None,
+        report_path: str | None = None,
+    ) -> None:
         if seconds is not None and (isinstance(seconds, bool) or not float(seconds) > 0):
             raise ValueError(f"the time budget must be a positive number of seconds, got {seconds!r}.")
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+            raise ValueError(f"patience must be an integer >= 1, got {patience!r}.")
+        if patience is not None and validator is None:
+            raise ValueError("a patience needs the validator whose key metric it watches.")
+        self.patience = patience
         self.seconds = math.inf if seconds is None else float(seconds)
         self.validator = validator
         self.report_path = report_path
@@ -51,7 +91,7 @@ class TrainingBudget:
         self._start = 0.0
         self._epoch_start = 0.0
         self._longest = 0.0
-        self._stopped_here = False
+        self._reason: str | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
@@ -61,7 +101,7 @@ class TrainingBudget:
 
     def _started(self, engine: Engine) -> None:
         self._start = time.perf_counter()
-        self._longest, self._stopped_here = 0.0, False
+        self._longest, self._reason = 0.0, None
 
     def _epoch_started(self, engine: Engine) -> None:
         self._epoch_start = time.perf_counter()
@@ -69,26 +109,29 @@ class TrainingBudget:
     def _epoch_completed(self, engine: Engine) -> None:
         now = time.perf_counter()
         self._longest = max(self._longest, now - self._epoch_start)
-        last = engine.state.epoch >= (engine.state.max_epochs or 0)
-        if not last and now - self._start + self._longest > self.seconds:
-            self._stopped_here = True
-            engine.logger.info(f"time budget of {self.seconds:.0f} s: stopping after epoch {engine.state.epoch}.")
+        epoch = engine.state.epoch
+        if epoch >= (engine.state.max_epochs or 0):
+            return
+        best = getattr(getattr(self.validator, "state", None), "best_metric_epoch", -1)
+        if self.patience is not None and best not in (-1, None) and epoch - best >= self.patience:
+            self._reason = "plateau"
+            engine.logger.info(f"no better validation score for {self.patience} epochs: stopping after epoch {epoch}.")
+            engine.terminate()
+        elif now - self._start + self._longest > self.seconds:
+            self._reason = "budget"
+            engine.logger.info(f"time budget of {self.seconds:.0f} s: stopping after epoch {epoch}.")
             engine.terminate()
 
     def _completed(self, engine: Engine) -> None:
         epochs = int(engine.state.epoch)
-        if self._stopped_here:
-            reason = "budget"
-        elif epochs >= (engine.state.max_epochs or 0):
-            reason = "cap"
-        else:
-            reason = "plateau"
+        reason = self._reason or "cap"
         report: dict[str, Any] = {
             "epochs_run": epochs,
             "max_epochs": int(engine.state.max_epochs or 0),
             "stop_reason": reason,
             "seconds": round(time.perf_counter() - self._start, 1),
             "budget_seconds": None if math.isinf(self.seconds) else self.seconds,
+            "patience": self.patience,
         }
         state = getattr(self.validator, "state", None)
         if state is not None and getattr(state, "best_metric_epoch", -1) not in (-1, None):
@@ -113,3 +156,21 @@ def _is_rank0() -> bool:
     import torch.distributed as dist
 
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class FinalEvaluation:
+    """Run an evaluator once when the trainer completes, whenever that is (the epoch cap, a plateau or the time
+    budget): e.g. the test split after fine-tuning. Attach it before the trainer's MLflow handler, so the results
+    land in the trainer's run before that handler closes it.
+
+    Args:
+        evaluator: the engine to run (e.g. ``@test#evaluator``).
+    """
+
+    def __init__(self, evaluator: Engine) -> None:
+        if not isinstance(evaluator, Engine):
+            raise TypeError(f"evaluator must be an ignite Engine, got {type(evaluator).__name__}.")
+        self.evaluator = evaluator
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.evaluator.run())

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["stacked", "scalars", "column"]
+__all__ = ["stacked", "scalars", "column", "mean_of"]
 
 
 def stacked(keys: str | Sequence[str]) -> Callable[[Any], tuple[torch.Tensor, ...]]:
@@ -58,3 +58,15 @@ def column(key: str) -> Callable[[Any], torch.Tensor]:
         return extract(output)[0].reshape(-1, 1)
 
     return transform
+
+
+def mean_of(key: str) -> Any:
+    """A MONAI ``IgniteMetricHandler`` averaging the per-sample scalar ``key`` of an evaluator's output over the
+    evaluation, NaN skipped (:class:`monai_kdx.metrics.MeanMetric`): e.g. ``"$monai_kdx.handlers.mean_of(
+    'cam_pointing_game')"`` in a bundle's ``additional_metrics``."""
+    from monai.handlers import IgniteMetricHandler
+
+    from monai_kdx.metrics import MeanMetric
+
+    values = column(key)
+    return IgniteMetricHandler(metric_fn=MeanMetric(), output_transform=lambda output: (values(output), None))

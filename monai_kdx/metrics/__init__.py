@@ -45,6 +45,7 @@ from .saliency import (
     saliency_nss,
     saliency_sim,
 )
+from .statistics import MeanMetric, bootstrap_interval
 
 __all__ = [
     "SALIENCY_EPS",
@@ -72,4 +73,6 @@ __all__ = [
     "randomizable_layers",
     "RandomizationResult",
     "randomization_sanity_check",
+    "MeanMetric",
+    "bootstrap_interval",
 ]

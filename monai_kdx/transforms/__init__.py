@@ -6,6 +6,7 @@ from __future__ import annotations
 from .explanation import (
     Attributiond,
     ExplanationFaithfulnessd,
+    ExplanationLocalizationd,
     HierarchicalExplanationd,
     SaveExplanationFigured,
     as_meta_like,
@@ -18,6 +19,7 @@ __all__ = [
     "CaseFolderLayout",
     "case_name",
     "ExplanationFaithfulnessd",
+    "ExplanationLocalizationd",
     "GazeToHeatmapd",
     "HierarchicalExplanationd",
     "MaskToSaliencyd",

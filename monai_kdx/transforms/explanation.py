@@ -27,6 +27,7 @@ __all__ = [
     "HierarchicalExplanationd",
     "Attributiond",
     "ExplanationFaithfulnessd",
+    "ExplanationLocalizationd",
     "SaveExplanationFigured",
     "as_meta_like",
 ]
@@ -205,6 +206,9 @@ class ExplanationFaithfulnessd(MapTransform):
             :mod:`monai_kdx.metrics.faithfulness`).
         random_map: also score a uniform random map (seeded by ``seed``).
         seed: seed of the random map and of the ``"noise"``/``"road"`` baselines.
+        max_samples: score only the first ``max_samples`` samples this transform sees (later ones get NaN, which
+            :class:`monai_kdx.metrics.MeanMetric` skips): faithfulness costs ``2 · (steps + 1)`` forward passes per
+            map, localization none. None: every sample.
     """
 
     def __init__(
@@ -218,6 +222,7 @@ class ExplanationFaithfulnessd(MapTransform):
         baseline: float | str = 0.0,
         random_map: bool = False,
         seed: int = 0,
+        max_samples: int | None = None,
     ) -> None:
         super().__init__(keys)
         from monai_kdx.metrics.faithfulness import BASELINES
@@ -227,6 +232,10 @@ class ExplanationFaithfulnessd(MapTransform):
         self.network, self.image_key, self.class_key, self.steps = network, image_key, class_key, steps
         self.device = torch.device(device) if device is not None else None
         self.baseline, self.random_map, self.seed = baseline, bool(random_map), int(seed)
+        if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) < 0):
+            raise ValueError(f"max_samples must be None or an integer >= 0, got {max_samples!r}.")
+        self.max_samples = max_samples
+        self._seen = 0
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from monai_kdx.metrics import deletion_auc, insertion_auc
@@ -235,6 +244,13 @@ class ExplanationFaithfulnessd(MapTransform):
         for name in (self.image_key, self.class_key):
             if name not in d:
                 raise KeyError(f"{name!r} is not in the data (keys: {sorted(map(str, d))}).")
+        self._seen += 1
+        if self.max_samples is not None and self._seen > self.max_samples:
+            suffixes = ("", "_random") if self.random_map else ("",)
+            for key in self.key_iterator(d):
+                for suffix in suffixes:
+                    d[f"{key}{suffix}_deletion_auc"] = d[f"{key}{suffix}_insertion_auc"] = torch.tensor(float("nan"))
+            return d
         image = torch.as_tensor(d[self.image_key]).float().unsqueeze(0)
         target = class_indices(d[self.class_key], 1, name=f"data[{self.class_key!r}]")
         if self.device is not None:
@@ -250,6 +266,48 @@ class ExplanationFaithfulnessd(MapTransform):
                         self.network, image, attribution, target, self.steps, self.baseline, seed=self.seed
                     )
                     d[f"{name}_{kind}_auc"] = value[0].detach().cpu()
+        return d
+
+
+class ExplanationLocalizationd(MapTransform):
+    """Pointing game and relevance mass (:func:`monai_kdx.metrics.pointing_game`,
+    :func:`~monai_kdx.metrics.relevance_mass`) of an explanation map of one sample against its lesion mask, written as
+    scalars under ``"{key}_pointing_game"`` and ``"{key}_relevance_mass"`` (NaN for a lesion-free sample: nothing to
+    point at), and, with ``random_map=True``, the same for a uniform random map (``"{key}_random_pointing_game"``,
+    ``"{key}_random_relevance_mass"``): the chance level a map must beat. Per-sample values, so the main job can
+    give bootstrap intervals.
+
+    Args:
+        keys: the map key(s); each map is (1, *spatial).
+        mask_key: the binary lesion mask (1, *spatial).
+        tolerance: the pointing game's dilation of the mask in pixels/voxels.
+        random_map: also score a uniform random map (seeded by ``seed``; the same map as
+            :class:`ExplanationFaithfulnessd`'s with the same seed).
+        seed: seed of the random map.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, mask_key: str = "mask", tolerance: int = 0, random_map: bool = False, seed: int = 0
+    ) -> None:
+        super().__init__(keys)
+        self.mask_key, self.tolerance, self.random_map, self.seed = mask_key, int(tolerance), bool(random_map), seed
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai_kdx.metrics import pointing_game, relevance_mass
+
+        d = dict(data)
+        if self.mask_key not in d:
+            raise KeyError(f"{self.mask_key!r} is not in the data (keys: {sorted(map(str, d))}).")
+        mask = (torch.as_tensor(d[self.mask_key]).float().unsqueeze(0) > 0).float()
+        for key in self.key_iterator(d):
+            maps = {key: torch.as_tensor(d[key]).float().unsqueeze(0).cpu()}
+            if self.random_map:
+                generator = torch.Generator().manual_seed(self.seed)
+                maps[f"{key}_random"] = torch.rand(maps[key].shape, generator=generator)
+            for name, attribution in maps.items():
+                hit = pointing_game(attribution, mask.cpu(), tolerance=self.tolerance, ignore_empty=True)
+                d[f"{name}_pointing_game"] = hit[0]
+                d[f"{name}_relevance_mass"] = relevance_mass(attribution.clamp_min(0), mask.cpu(), ignore_empty=True)[0]
         return d
 
 

@@ -1,7 +1,8 @@
 """The main job and the bundle runner it is built on.
 
 - :mod:`.stages`: the stages and their models, in one table;
-- :mod:`.bundles`: run the package's MONAI bundle configs in-process (``run_bundle``);
+- :mod:`.bundles`: the MONAI bundles shipped in the package: find them, copy one out (``export_bundle``), run their
+  configs in-process (``run_bundle``);
 - :mod:`.runner`: the resumable pipeline teacher → distill → prune → saliency → explain, one MLflow parent run with
   a child run per stage, one job at a time per output folder (``Pipeline``, ``run_pipeline``);
 - :mod:`.summary`: the summary table and report of trained, explained models;
@@ -10,7 +11,16 @@
 
 from __future__ import annotations
 
-from .bundles import BUNDLES_DIR, QUICK_OVERRIDES, StageResult, bundle_parser, bundle_path, run_bundle
+from .bundles import (
+    BUNDLES_DIR,
+    QUICK_OVERRIDES,
+    StageResult,
+    available_bundles,
+    bundle_parser,
+    bundle_path,
+    export_bundle,
+    run_bundle,
+)
 from .runner import STAGE_FUNCTIONS, Pipeline, PipelineResult, check_checkpoint, run_pipeline
 from .stages import MODELS, STAGES, ModelEntry
 from .state import FolderInUseError, OutputLock
@@ -28,9 +38,11 @@ __all__ = [
     "Pipeline",
     "PipelineResult",
     "StageResult",
+    "available_bundles",
     "bundle_parser",
     "bundle_path",
     "check_checkpoint",
+    "export_bundle",
     "run_bundle",
     "run_pipeline",
     "summary_markdown",

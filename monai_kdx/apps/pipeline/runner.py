@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from monai_kdx.handlers import read_case_table
 from monai_kdx.networks import build_network, load_weights
 from monai_kdx.pruning import load_pruned
 from monai_kdx.tracking import Tracker, check_tracking_uri, default_tracking_uri
@@ -298,11 +299,24 @@ def _metrics(*results: StageResult) -> dict[str, float]:
     return {key: value for result in results for key, value in result.metrics.items()}
 
 
+def _training_record(pipeline: Pipeline, stage: str) -> dict[str, Any]:
+    """How a stage's training ended (``training/<stage>.json``, written by the bundles' ``TrainingStop``)."""
+    path = pipeline.path(os.path.join("training", f"{stage}.json"))
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as stream:
+        return json.load(stream)
+
+
 def _train_and_test(pipeline: Pipeline, run_id: str, entry: ModelEntry, **extra: Any) -> dict[str, Any]:
     """A model's training stage: its configs, then the same with ``evaluate.yaml`` on the test split."""
     train = pipeline.run_in(run_id, entry.stage, entry.configs, ["train#trainer", "validate#evaluator"], **extra)
     test = pipeline.run_in(run_id, entry.stage, [*entry.configs, "evaluate.yaml"], ["evaluator"], **extra)
-    return {"metrics": _metrics(train, test), "models": pipeline.tracker.registered_models(run_id)}
+    return {
+        "metrics": _metrics(train, test),
+        "models": pipeline.tracker.registered_models(run_id),
+        "training": _training_record(pipeline, entry.stage),
+    }
 
 
 def _stage_teacher(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
@@ -323,7 +337,11 @@ def _stage_prune(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
     entry = model("pruned")
     engines = ["train#trainer", "validate#evaluator", "test#evaluator"]
     result = pipeline.run_in(run_id, entry.stage, entry.configs, engines)
-    return {"metrics": result.metrics, "models": pipeline.tracker.registered_models(run_id)}
+    return {
+        "metrics": result.metrics,
+        "models": pipeline.tracker.registered_models(run_id),
+        "training": _training_record(pipeline, entry.stage),
+    }
 
 
 def _stage_saliency(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
@@ -361,17 +379,15 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
         per_model[entry.name] = result.metrics
         metrics.update({f"{entry.name}_{key}": value for key, value in result.metrics.items()})
     models = {entry.name: pipeline.load_model(entry) for entry in MODELS}
-    accuracies = {
-        entry.name: pipeline.state["stages"].get(entry.stage, {}).get("metrics", {}).get("test_accuracy")
-        for entry in MODELS
-    }
+    training = {entry.name: pipeline.state["stages"].get(entry.stage, {}).get("training", {}) for entry in MODELS}
     summary, report = write_summary(
         models,
         _test_samples(pipeline, 3),
         pipeline.path("report"),
-        accuracies=accuracies,
+        case_tables={name: read_case_table(os.path.join(folder, "cases.csv")) for name, folder in folders.items()},
         explain_metrics=per_model,
         explanation_folders=folders,
+        training=training,
         title=f"monai_kdx pipeline report: {pipeline.bundle}",
         notes=f"MLflow: `{pipeline.tracking_uri}`, experiment `{pipeline.experiment_name}`, parent run "
         f"`{pipeline.state['parent_run_id']}`.",

@@ -2,10 +2,12 @@
 faithfulness, explanation agreement), written as a report (``report.md``, ``summary.json``, ``summary.png``,
 ``hierarchy.png``).
 
-Everything here works on data: the trained models, a few test samples, the metrics the stages measured and the
-folders of the explanations they saved. Latency and explanation time are measured here, on one CPU thread, batch of
-one, median of repeated calls. Agreement is the Pearson correlation between two models' fused CAMs of the same test
-images (the NIfTI heatmaps the explain stage saved, paired by file name), averaged over those images.
+Everything here works on data: the trained models, a few test samples, the per-case tables and the folders of the
+explanations the explain stage saved, and how each training ended. Accuracy, pointing game and agreement come with
+95% bootstrap intervals over the cases behind them, and a random-map row gives the chance level of every explanation
+score. Latency and explanation time are measured here, on one CPU thread, batch of one, median of repeated calls.
+Agreement is the Pearson correlation between two models' fused maps of the same test case (the NIfTI heatmaps the
+explain stage saved, paired by case), averaged over the cases.
 """
 
 from __future__ import annotations
@@ -20,26 +22,31 @@ import torch
 from torch import nn
 
 from monai_kdx.explain import HierarchicalCAM
-from monai_kdx.metrics import explanation_agreement
+from monai_kdx.metrics import bootstrap_interval, explanation_agreement
 from monai_kdx.networks import count_macs, count_parameters, median_seconds, timed
 from monai_kdx.reporting import bar_panels, format_cell, markdown_table, write_json
 from monai_kdx.visualize import draw_overlay, save_figure, subplots
 
-__all__ = ["COLUMNS", "agreement_matrix", "summary_markdown", "write_summary"]
+__all__ = ["COLUMNS", "RANDOM_ROW", "agreement_matrix", "summary_markdown", "write_summary"]
 
+RANDOM_ROW = "random map"
+"""The row of a uniform random map: the chance level of the localization and faithfulness scores."""
+
+# key, title, format; "±" marks a column shown with its 95% bootstrap interval (keys <key>_low, <key>_high)
 COLUMNS = (
     ("model", "model", "{}"),
-    ("test_accuracy", "test acc.", "{:.3f}"),
+    ("test_accuracy", "test acc. [95% CI]", "±"),
     ("params", "params", "{:,}"),
     ("macs_m", "MACs (M)", "{:.1f}"),
     ("latency_ms", "CPU latency (ms)", "{:.1f}"),
     ("explain_ms", "explanation (ms)", "{:.1f}"),
-    ("pointing_game", "pointing game", "{:.3f}"),
+    ("pointing_game", "pointing game [95% CI]", "±"),
     ("relevance_mass", "relevance mass", "{:.3f}"),
     ("deletion_auc", "deletion AUC ↓", "{:.3f}"),
     ("insertion_auc", "insertion AUC ↑", "{:.3f}"),
-    ("agreement_teacher", "agreement w/ teacher", "{:.3f}"),
-    ("agreement_student", "agreement w/ student", "{:.3f}"),
+    ("agreement_teacher", "agreement w/ teacher [95% CI]", "±"),
+    ("agreement_student", "agreement w/ student [95% CI]", "±"),
+    ("training", "epochs (stopped by)", "{}"),
 )
 _SUFFIX = "_cam.nii.gz"
 
@@ -50,14 +57,14 @@ def _cam_files(folder: str) -> dict[str, str]:
     return {name[: -len(_SUFFIX)]: os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(_SUFFIX)}
 
 
-def agreement_matrix(folders: Mapping[str, str]) -> dict[tuple[str, str], float]:
-    """Mean Pearson correlation of the fused CAMs two models saved for the same images.
+def agreement_matrix(folders: Mapping[str, str]) -> dict[tuple[str, str], list[float]]:
+    """Per-case Pearson correlation of the fused maps two models saved for the same cases.
 
     Args:
         folders: model name → folder of ``<case>_cam.nii.gz`` files (the explain bundle's ``SaveImaged``).
 
     Returns:
-        ``{(a, b): mean correlation}`` for every ordered pair of models with common images.
+        ``{(a, b): [correlation of each common case]}`` for every ordered pair of models with common cases.
     """
     import nibabel as nib
 
@@ -75,8 +82,7 @@ def agreement_matrix(folders: Mapping[str, str]) -> dict[tuple[str, str], float]
             common = sorted(set(files[a]) & set(files[b]))
             if a == b or not common:
                 continue
-            values = [float(explanation_agreement(load(files[a][k]), load(files[b][k]))[0]) for k in common]
-            matrix[(a, b)] = float(np.nanmean(values))
+            matrix[(a, b)] = [float(explanation_agreement(load(files[a][k]), load(files[b][k]))[0]) for k in common]
     return matrix
 
 
@@ -100,10 +106,25 @@ def _hierarchy_figure(
     save_figure(fig, path)
 
 
+def _cell(row: Mapping[str, Any], key: str, fmt: str) -> str:
+    if fmt != "±":
+        return format_cell(row.get(key), fmt)
+    value = format_cell(row.get(key), "{:.3f}")
+    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+    interval = f" [{format_cell(low, '{:.2f}')}, {format_cell(high, '{:.2f}')}]" if low is not None else ""
+    return value + (interval if value != "–" else "")
+
+
 def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The summary table in markdown (missing values as ``–``)."""
-    cells = [[format_cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
+    """The summary table in markdown (missing values as ``–``; intervals in brackets)."""
+    cells = [[_cell(row, key, fmt) for key, _, fmt in COLUMNS] for row in rows]
     return markdown_table([title for _, title, _ in COLUMNS], cells)
+
+
+def _with_interval(row: dict[str, Any], key: str, values: Sequence[float], seed: int = 0) -> None:
+    interval = bootstrap_interval(values, seed=seed)
+    row.update({key: interval["value"], f"{key}_low": interval["low"], f"{key}_high": interval["high"]})
+    row[f"{key}_n"] = interval["n"]
 
 
 def write_summary(
@@ -111,9 +132,10 @@ def write_summary(
     samples: Sequence[Mapping[str, Any]],
     folder: str,
     *,
-    accuracies: Mapping[str, float | None],
+    case_tables: Mapping[str, Sequence[Mapping[str, Any]]],
     explain_metrics: Mapping[str, Mapping[str, float]],
     explanation_folders: Mapping[str, str],
+    training: Mapping[str, Mapping[str, Any]],
     title: str,
     notes: str = "",
     cam_mode: str = "gradcam",
@@ -125,8 +147,12 @@ def write_summary(
         samples: test samples with a lesion (``image`` (C, *spatial), ``label``, ``mask``); the first one is drawn
             in ``hierarchy.png``, all are timed for the explanation time.
         folder: where ``report.md``, ``summary.json``, ``summary.png`` and ``hierarchy.png`` go.
-        accuracies: name → test accuracy on the whole test split.
-        explain_metrics: name → the explain run's metrics (localization, faithfulness).
+        case_tables: name → the explain run's per-case rows (:func:`monai_kdx.handlers.read_case_table`: ``correct``,
+            ``cam_pointing_game``, ``cam_random_pointing_game``, ...), for the accuracy, the pointing game and their
+            intervals.
+        explain_metrics: name → the explain run's metrics (means of the faithfulness scores).
+        training: name → how its training ended (``epochs_run``, ``stop_reason``; see
+            :class:`monai_kdx.handlers.TrainingStop`).
         explanation_folders: name → folder of the model's saved CAMs (for the agreement).
         title: the report's title.
         notes: markdown appended to the report (e.g. where MLflow holds the runs).
@@ -140,6 +166,9 @@ def write_summary(
     """
     if not samples:
         raise ValueError("the test split holds no image with a lesion to explain; use more samples.")
+    first_table = next(iter(case_tables.values()), [])
+    n_test = len(first_table)
+    n_lesion = sum(1 for case in first_table if np.isfinite(case["cam_pointing_game"]))
     os.makedirs(folder, exist_ok=True)
     agreement = agreement_matrix(explanation_folders)
     first = samples[0]["image"].as_tensor()[None].float()
@@ -162,24 +191,36 @@ def write_summary(
                 **{f"L{i + 1}": level[0, 0].numpy() for i, level in enumerate(result.levels.values())},
                 "fused": result.fused[0, 0].numpy(),
             }
-            metrics = explain_metrics.get(name, {})
-            rows.append(
-                {
-                    "model": name,
-                    "test_accuracy": accuracies.get(name),
-                    "params": count_parameters(network),
-                    "macs_m": count_macs(network, tuple(first.shape[1:])) / 1e6,
-                    "latency_ms": 1000 * latency,
-                    "explain_ms": 1000 * statistics.median(times),
-                    **{key: metrics.get(key) for key in ("pointing_game", "relevance_mass", "deletion_auc")},
-                    "insertion_auc": metrics.get("insertion_auc"),
-                    "agreement_teacher": agreement.get((name, "teacher")),
-                    "agreement_student": agreement.get((name, "student")),
-                    "cam_levels": list(result.levels),
-                }
-            )
+            metrics, cases = explain_metrics.get(name, {}), case_tables.get(name, [])
+            stopped = training.get(name) or {}
+            row: dict[str, Any] = {
+                "model": name,
+                "params": count_parameters(network),
+                "macs_m": count_macs(network, tuple(first.shape[1:])) / 1e6,
+                "latency_ms": 1000 * latency,
+                "explain_ms": 1000 * statistics.median(times),
+                "relevance_mass": metrics.get("relevance_mass"),
+                "deletion_auc": metrics.get("deletion_auc"),
+                "insertion_auc": metrics.get("insertion_auc"),
+                "training": f"{stopped['epochs_run']} ({stopped['stop_reason']})" if stopped else None,
+                "cam_levels": list(result.levels),
+            }
+            _with_interval(row, "test_accuracy", [case["correct"] for case in cases])
+            _with_interval(row, "pointing_game", [case["cam_pointing_game"] for case in cases])
+            for other in ("teacher", "student"):
+                _with_interval(row, f"agreement_{other}", agreement.get((name, other), []))
+            rows.append(row)
     finally:
         torch.set_num_threads(threads)
+    reference = next(iter(case_tables.values()), [])  # the random map of the same cases (seeded: one map a case)
+    random_row: dict[str, Any] = {
+        "model": RANDOM_ROW,
+        "relevance_mass": float(np.nanmean([case["cam_random_relevance_mass"] for case in reference] or [np.nan])),
+        "deletion_auc": next(iter(explain_metrics.values()), {}).get("random_deletion_auc"),
+        "insertion_auc": next(iter(explain_metrics.values()), {}).get("random_insertion_auc"),
+    }
+    _with_interval(random_row, "pointing_game", [case["cam_random_pointing_game"] for case in reference])
+    rows.append(random_row)
     paths = {
         "markdown": os.path.join(folder, "report.md"),
         "json": os.path.join(folder, "summary.json"),
@@ -189,9 +230,10 @@ def write_summary(
     image = samples[0]["image"].as_tensor()[0].numpy()
     mask = np.asarray(samples[0]["mask"])[0] > 0
     _hierarchy_figure(image, mask, hierarchy, paths["hierarchy"])
-    names = [row["model"] for row in rows]
+    modelled = [row for row in rows if row["model"] != RANDOM_ROW]
+    names = [row["model"] for row in modelled]
     panels = [
-        (label, {"": [float(row.get(key) if row.get(key) is not None else np.nan) for row in rows]})
+        (label, {"": [float(row.get(key) if row.get(key) is not None else np.nan) for row in modelled]})
         for key, label in (
             ("test_accuracy", "test accuracy"),
             ("params", "parameters"),
@@ -202,14 +244,20 @@ def write_summary(
         )
     ]
     bar_panels(panels, names, paths["plot"], panel_size=(3.7, 3.0))
-    pairs = {f"{a}↔{b}": value for (a, b), value in agreement.items() if a < b}
+    pairs = {f"{a}↔{b}": bootstrap_interval(values) for (a, b), values in agreement.items() if a < b}
     write_json(paths["json"], {"rows": rows, "agreement": pairs})
-    listed = "\n".join(f"- {pair}: {value:.3f}" for pair, value in sorted(pairs.items()))
+    listed = "\n".join(
+        f"- {pair}: {value['value']:.3f} [{value['low']:.2f}, {value['high']:.2f}] over {value['n']} cases"
+        for pair, value in sorted(pairs.items())
+    )
     text = f"""# {title}
 
 Latency and explanation time (hierarchical {cam_mode} at every stage, one forward + one backward) on one CPU thread,
-batch of one; localization against the lesion masks; faithfulness by deletion/insertion of the most relevant
-voxels; agreement is the mean Pearson correlation of two models' fused maps.
+batch of one; localization against the lesion masks ({n_lesion} test cases with a lesion); faithfulness by
+deletion/insertion of the most relevant voxels; agreement is the mean Pearson correlation of two models' fused maps.
+Accuracy over {n_test} test cases. In brackets: 95% bootstrap intervals. The "{RANDOM_ROW}" row scores a uniform
+random map of the same cases: the chance level. "epochs (stopped by)": how many epochs the model's training ran and
+why it stopped (a validation plateau, the epoch cap, or the time budget).
 
 {summary_markdown(rows)}
 
