@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--until", default=None, choices=["teacher", "distill", "prune", "saliency", "explain"], help="stop after it"
     )
     demo.add_argument("--restart", action="store_true", help="start over instead of resuming a run in --out")
+    demo.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds for the whole job, shared among the stages (default: 540, so it ends within 10 minutes on 2 "
+        "CPU cores; none with --quick)",
+    )
 
     compare = commands.add_parser(
         "compare-explanations",
@@ -141,6 +148,7 @@ def _demo(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         experiment_name=args.experiment,
         restart=args.restart,
+        **({"time_budget": args.time_budget} if args.time_budget is not None else {}),
         **overrides,
     )
     result = pipeline.run(until=args.until)

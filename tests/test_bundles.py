@@ -89,7 +89,7 @@ def test_brain_mri_3d_explain_writes_overlaying_heatmaps_and_logs_metrics(brain_
     metrics = summary["metrics"]
     assert {"test_accuracy", "pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"} <= set(metrics)
     assert 0 <= metrics["pointing_game"] <= 1 and 0 <= metrics["deletion_auc"] <= 1
-    assert summary["params"]["cam_mode"] == "gradcam"
+    assert summary["params"]["explanation_method"] == "layercam"
     assert len([a for a in summary["artifacts"] if a.endswith("_cam.nii.gz")]) == len(datalist["test"])
     # a random map beside the map; one row per case, whose means are the logged metrics
     assert {"random_pointing_game", "random_deletion_auc", "random_insertion_auc"} <= set(metrics)
@@ -148,10 +148,10 @@ def test_chest_xray_2d_teacher_with_monai_tracking_flag_then_explanation_distill
     load_weights(ShallowCNN(2, 1, 3), str(tmp_path / "runs" / "student" / "model_final.pt"))
 
     explain = ["train_teacher.yaml", "explain.yaml"]
-    bundle_run("chest_xray_2d", explain, tmp_path, subprocess_env, "--cam_mode", "layercam")
+    bundle_run("chest_xray_2d", explain, tmp_path, subprocess_env, "--explanation_method", "gradcam")
     explained = run_summary(uri, latest_run(uri, "chest_xray_2d", "explain"))
     assert {"pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"} <= set(explained["metrics"])
-    assert explained["params"]["cam_mode"] == "layercam"
+    assert explained["params"]["explanation_method"] == "gradcam"
     assert any(name.endswith("_cam.png") for name in explained["artifacts"])
 
 

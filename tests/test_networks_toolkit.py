@@ -65,7 +65,7 @@ def test_split_batch_reads_dicts_pairs_and_tensors():
 
 def test_one_trace_gives_stages_head_and_batchnorm_pairs():
     dense = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2, init_features=4, growth_rate=2)
-    trace = trace_network(dense, torch.randn(2, 1, 32, 32))
+    trace = trace_network(dense, torch.randn(2, 1, 64, 64))
     assert trace.stage_layers() == [f"features.denseblock{i}" for i in range(1, 5)]
     assert trace.head() == "class_layers.out"
     pairs = trace.batchnorm_pairs()
@@ -103,3 +103,22 @@ def test_macs_by_hand_and_the_timer():
         median_seconds(lambda: None, repeats=0)
     net.train()
     assert latency_ms(net, torch.randn(1, 1, 4, 4), repeats=2) > 0 and net.training
+
+
+def test_stages_with_one_position_are_not_picked_and_a_loss_on_them_is_refused():
+    from monai_kdx.explain import HierarchicalCAM, cam_from_features
+    from monai_kdx.losses import SaliencyAlignmentLoss
+
+    dense = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2, init_features=4, growth_rate=2).eval()
+    x = torch.randn(2, 1, 32, 32, 32)  # denseblock4 gives 1x1x1 maps here
+    assert trace_network(dense, x).stage_layers() == [f"features.denseblock{i}" for i in (1, 2, 3)]
+    assert list(HierarchicalCAM(dense).cam(x)) == [f"features.denseblock{i}" for i in (1, 2, 3)]
+    loss = SaliencyAlignmentLoss(layer=None)
+    loss.resolve_layers(dense, x)
+    assert loss.layer == "features.denseblock3"  # the deepest usable stage, not the 1-voxel one
+    feature = torch.randn(2, 8, 1, 1, 1, requires_grad=True)
+    logits = feature.flatten(1)[:, :2] * 2
+    with pytest.raises(ValueError, match=r"gives a \(1, 1, 1\) map for this input: one position"):
+        cam_from_features({"deep": feature}, logits, torch.tensor([0, 1]), create_graph=True)
+    with pytest.raises(ValueError, match="every stage of DenseNet121 gives maps smaller than 64 per axis"):
+        trace_network(dense, x).stage_layers(min_size=64)

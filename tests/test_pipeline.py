@@ -258,3 +258,17 @@ def test_a_second_pipeline_on_the_same_folder_is_refused_naming_the_holder(tmp_p
         assert not (out / "data").exists()  # refused before any work
     with OutputLock(out):  # released on exit
         pass
+
+
+def test_a_time_budget_too_small_for_one_epoch_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "demo"
+    pipeline = Pipeline(out, quick=True, time_budget=0.01)
+    with pytest.raises(ValueError, match=r"leaves stage 'teacher' about 0 s, less than one epoch \(about"):
+        pipeline.run()
+    assert not (out / "data").exists() and not (out / "pipeline.json").exists()
+    with pytest.raises(ValueError, match="time budget must be a positive number"):
+        Pipeline(tmp_path / "other", quick=True, time_budget=-5)
+    budgeted = Pipeline(tmp_path / "third", quick=True, time_budget=100.0)
+    assert budgeted.stage_budget("teacher") == pytest.approx(100 * 0.36)  # its share of everything left
+    budgeted.state["stages"]["teacher"] = {"seconds": 20.0}
+    assert budgeted.stage_budget("distill") == pytest.approx(80 * 0.22 / 0.64)

@@ -335,3 +335,28 @@ def test_invalid_loss_arguments_are_refused_at_construction(factory, argument, v
     for value in values:
         with pytest.raises(ValueError, match=rf"^{argument} must be .*{re.escape(bound)}.*got"):
             factory(value)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_the_hierarchical_explanation_itself_can_be_guided(dims):
+    """layer="stages": the saliency is the fused map of every stage, the very map HierarchicalCAM reports."""
+    from monai_kdx.explain import HierarchicalCAM
+    from monai_kdx.networks import ShallowCNN
+
+    torch.manual_seed(0)
+    network = ShallowCNN(dims, 1, 3, channels=(4, 8, 8), dropout=0.0).eval()
+    images = torch.randn(2, 1, *[16] * dims)
+    labels = torch.tensor([0, 2])
+    target = torch.rand(2, 1, *[16] * dims)
+    loss = SaliencyAlignmentLoss(layer="stages", divergence="cc")
+    loss.resolve_layers(network, images)
+    assert loss.layers == ("blocks.0", "blocks.1", "blocks.2")  # 8, 4 and 2 positions per axis
+    context = loss.context(network, images, labels, target)
+    saliency = loss.saliency(context)
+    reported = HierarchicalCAM(network, layers=list(loss.layers)).cam(images, labels).fused
+    torch.testing.assert_close(saliency.detach(), reported, atol=1e-5, rtol=1e-4)
+    value = loss.from_context(context)
+    grads = torch.autograd.grad(value, [p for p in network.parameters() if p.requires_grad], allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="layer must hold module paths"):
+        SaliencyAlignmentLoss(layer=["blocks.0", ""])

@@ -119,7 +119,8 @@ def cam_from_features(
         Layer path → (B, 1, *size) map, in the order of ``features``.
 
     Raises:
-        ValueError: an unknown mode, or a captured feature that is not a (B, K, *spatial) tensor.
+        ValueError: an unknown mode, a captured feature that is not a (B, K, *spatial) tensor, or (with
+            ``create_graph``) a feature map of one position, whose CAM is constant and gives a loss no gradient.
     """
     if mode not in CAM_MODES:
         raise ValueError(f"unknown CAM mode {mode!r}; choose one of {CAM_MODES}.")
@@ -129,6 +130,11 @@ def cam_from_features(
         if not isinstance(value, torch.Tensor) or value.ndim < 3 or value.shape[0] != logits.shape[0]:
             shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"layer {path!r} gives {shape}, not a (B, K, *spatial) feature map; choose a conv stage.")
+        if create_graph and value[0, 0].numel() == 1:
+            raise ValueError(
+                f"layer {path!r} gives a {tuple(value.shape[2:])} map for this input: one position, so its CAM is "
+                "constant and a loss on it has no gradient; choose a shallower layer (at least 2 positions per axis)."
+            )
     grads: Sequence[torch.Tensor | None] = [None] * len(paths)
     if mode != "activation":
         score = logits.gather(1, targets.view(-1, 1).to(logits.device)).sum()

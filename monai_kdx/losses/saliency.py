@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monai_kdx.explain.activation import minmax_normalize
-from monai_kdx.explain.cam import CAM_MODES, cam_from_features, stage_layers
+from monai_kdx.explain.cam import CAM_MODES, cam_from_features, fuse_maps, stage_layers
 from monai_kdx.metrics.saliency import SALIENCY_EPS, saliency_kl, saliency_sim
 from monai_kdx.networks import FeatureCapture, class_indices, float32_or_wider
 from monai_kdx.registry import SALIENCY_LOSSES
@@ -384,8 +384,11 @@ class SaliencyAlignmentLoss(SaliencyLoss):
 
     Args:
         layer: module path of the CAM layer (e.g. ``"blocks.2"`` of :class:`~monai_kdx.networks.ShallowCNN`,
-            ``"features.denseblock3"`` of a MONAI DenseNet); ``None`` with a CAM method picks the deepest
-            stage on first use (see :func:`monai_kdx.explain.stage_layers`); ignored by ``"input_gradient"``.
+            ``"features.denseblock3"`` of a MONAI DenseNet), or several paths whose CAMs are fused (the mean of the
+            min-max normalized levels, as :class:`~monai_kdx.explain.HierarchicalCAM` fuses them); ``None`` with a
+            CAM method picks the deepest stage on first use, ``"stages"`` every stage (see
+            :func:`monai_kdx.explain.stage_layers`): the hierarchical explanation itself is guided. Ignored by
+            ``"input_gradient"``.
         method: one of :data:`SALIENCY_METHODS`: ``"gradcam"``, ``"gradcam++"``, ``"layercam"``,
             ``"activation"``, ``"input_gradient"`` or ``"lrp"``.
         divergence: one of :data:`SALIENCY_DIVERGENCES`.
@@ -407,7 +410,7 @@ class SaliencyAlignmentLoss(SaliencyLoss):
 
     def __init__(
         self,
-        layer: str | None = None,
+        layer: str | Sequence[str] | None = None,
         method: str = "gradcam",
         divergence: str = "kl",
         weight: float = 1.0,
@@ -419,8 +422,12 @@ class SaliencyAlignmentLoss(SaliencyLoss):
             raise ValueError(f"unknown saliency method {method!r}; choose one of {SALIENCY_METHODS}.")
         if divergence not in SALIENCY_DIVERGENCES:
             raise ValueError(f"unknown divergence {divergence!r}; choose one of {SALIENCY_DIVERGENCES}.")
-        if layer is not None and (not isinstance(layer, str) or not layer):
-            raise ValueError(f"layer must be a module path (a non-empty string) or None, got {layer!r}.")
+        if isinstance(layer, Sequence) and not isinstance(layer, str):
+            layer = list(layer)
+            if not layer or not all(isinstance(path, str) and path for path in layer):
+                raise ValueError(f"layer must hold module paths (non-empty strings), got {layer!r}.")
+        elif layer is not None and (not isinstance(layer, str) or not layer):
+            raise ValueError(f"layer must be a module path, a list of them, 'stages' or None, got {layer!r}.")
         self.layer = layer
         self.method = method
         self.divergence = divergence
@@ -440,16 +447,20 @@ class SaliencyAlignmentLoss(SaliencyLoss):
 
     @property
     def layers(self) -> tuple[str, ...]:
-        return (self.layer,) if self._uses_layer and self.layer is not None else ()
+        if not self._uses_layer or self.needs_layer_resolution:
+            return ()
+        return tuple(self.layer) if isinstance(self.layer, list) else (self.layer,)
 
     @property
     def needs_layer_resolution(self) -> bool:
-        return self._uses_layer and self.layer is None
+        return self._uses_layer and self.layer in (None, "stages")
 
     def resolve_layers(self, network: nn.Module, example: torch.Tensor) -> None:
-        """Pick the deepest convolution stage of ``network`` when ``layer`` is None (one probe forward)."""
+        """Pick the deepest usable convolution stage of ``network`` (``layer=None``) or every one
+        (``layer="stages"``), from one probe forward."""
         if self.needs_layer_resolution:
-            self.layer = stage_layers(network, example)[-1]
+            stages = stage_layers(network, example)
+            self.layer = stages[-1] if self.layer is None else list(stages)
 
     def forward(self, saliency: torch.Tensor, target_map: torch.Tensor) -> torch.Tensor:
         """Weighted divergence of (B, 1, H, W[, D]) saliency maps from target maps of the same shape,
@@ -481,7 +492,7 @@ class SaliencyAlignmentLoss(SaliencyLoss):
                     raw = F.interpolate(raw, size=size, mode="bilinear" if raw.ndim == 4 else "trilinear")
                 return minmax_normalize(raw)
             maps = cam_from_features(
-                {self.layer: context.features[self.layer]},
+                {path: context.features[path] for path in self.layers},
                 context.logits,
                 targets,
                 mode=self.method,
@@ -489,7 +500,7 @@ class SaliencyAlignmentLoss(SaliencyLoss):
                 normalize=True,
                 create_graph=True,
             )
-        return maps[self.layer]
+        return maps[self.layers[0]] if len(maps) == 1 else fuse_maps(list(maps.values()), "mean")
 
     def _from_context(self, context: SaliencyContext) -> torch.Tensor:
         valid = _valid_samples(context.target_map)

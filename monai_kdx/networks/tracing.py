@@ -75,16 +75,22 @@ class NetworkTrace:
             counts[call.path] = counts.get(call.path, 0) + 1
         return counts
 
-    def stage_layers(self) -> list[str]:
-        """One layer per stage, shallow to deep.
+    def stage_layers(self, min_size: int = 2) -> list[str]:
+        """One layer per stage, shallow to deep, each with a usable resolution for the traced input size.
 
         The stage container is the module whose convolution-holding children produce feature maps at the most
         distinct spatial resolutions (``features`` of a MONAI DenseNet, the network itself for a MONAI ResNet,
         ``blocks`` of :class:`~monai_kdx.networks.ShallowCNN`). Of its children, the last one at each resolution is
-        a stage; a bare convolution stem is dropped when at least two stages remain.
+        a stage; a bare convolution stem is dropped when at least two stages remain. Stages whose maps are smaller
+        than ``min_size`` along an axis are left out (a DenseNet121 on 32³ inputs: ``denseblock4`` gives 1³, a
+        constant map).
+
+        Args:
+            min_size: the smallest usable map side.
 
         Raises:
-            ValueError: the network has no convolution stages.
+            ValueError: the network has no convolution stages, or none with a usable resolution (the input is too
+                small; the message names the stages and their map sizes).
         """
         root = self.network
         resolution: dict[str, tuple[int, ...]] = {}
@@ -114,7 +120,14 @@ class NetworkTrace:
             best = best[1:]
         if not best:
             raise ValueError(f"{type(root).__name__} has no convolution stages to explain; pass layers explicitly.")
-        return [f"{self.prefix}{name}" for name in best]
+        usable = [name for name in best if min(resolution[name]) >= min_size]
+        if not usable:
+            sizes = {name: resolution[name] for name in best}
+            raise ValueError(
+                f"every stage of {type(root).__name__} gives maps smaller than {min_size} per axis for this input "
+                f"({sizes}): use a larger input or pass a shallower layer explicitly."
+            )
+        return [f"{self.prefix}{name}" for name in usable]
 
     def head(self) -> str:
         """Path of the classifier head: the linear layer (or, without one, the convolution) that runs last.

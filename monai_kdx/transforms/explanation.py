@@ -17,9 +17,10 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from torch import nn
 
+from monai_kdx.explain.activation import minmax_normalize
 from monai_kdx.explain.base import build_explainer
-from monai_kdx.explain.cam import HierarchicalCAM
-from monai_kdx.networks import class_indices
+from monai_kdx.explain.cam import CAM_MODES, HierarchicalCAM
+from monai_kdx.networks import class_indices, resolve_targets, restore_mode
 
 from .naming import case_name
 
@@ -95,18 +96,21 @@ class _ExplanationTransform(MapTransform):
 
 
 class HierarchicalExplanationd(_ExplanationTransform):
-    """Hierarchical class activation maps of one sample at several layers (one forward + one backward).
+    """Hierarchical class activation maps of one sample at several layers (one forward + one backward), or any
+    other registered explanation method.
 
     Writes ``d[output_key]``: the fused map (1, *spatial), ``d[output_key + "_levels"]``: every level
     stacked as channels (L, *spatial), shallow to deep (its meta holds ``"levels"``, the layer paths),
     and ``d[output_key + "_class"]``: the explained class. Both maps are MetaTensors with the input's
-    metadata, in [0, 1].
+    metadata, in [0, 1]. With a ``mode`` that is not a CAM mode (e.g. ``"integrated_gradients"``), the map is the
+    min-max normalized magnitude of that method's attribution and its one level is itself.
 
     Args:
         keys: the image key(s); each image is (C, H, W) or (C, H, W, D).
         network: the classifier to explain (kept in eval mode during the call, its mode restored).
         layers: module paths; None picks one layer per stage (see :func:`monai_kdx.explain.stage_layers`).
-        mode: ``"gradcam"``, ``"gradcam++"``, ``"layercam"`` or ``"activation"``.
+        mode: ``"gradcam"``, ``"gradcam++"``, ``"layercam"``, ``"activation"``, or any explainer registered in
+            :data:`monai_kdx.registry.EXPLAINERS` (``"integrated_gradients"``, ``"lrp"``, ...).
         fusion: ``"mean"``, ``"max"`` or ``"product"``.
         output_key: where the fused map goes (``"{key}_cam"`` with several keys).
         target_key: a key holding the class to explain (e.g. ``"label"``); None: ``class_idx``.
@@ -136,16 +140,36 @@ class HierarchicalExplanationd(_ExplanationTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, network, output_key, target_key, class_idx, device, allow_missing_keys)
-        self.explainer = HierarchicalCAM(network, layers, mode=mode, fusion=fusion)
+        self.mode = mode
+        self.explainer = (
+            HierarchicalCAM(network, layers, mode=mode, fusion=fusion)
+            if mode in CAM_MODES
+            else build_explainer(mode, network)
+        )
 
     def _explain(self, d: dict[Hashable, Any], key: Hashable, target: int | None) -> None:
         image = d[key]
-        result = self.explainer.cam(self._batch(image), target)
-        levels = torch.cat(list(result.values()), dim=1)[0]
-        d[self._out(key)] = as_meta_like(result.fused[0], image)
+        x = self._batch(image)
+        if isinstance(self.explainer, HierarchicalCAM):
+            result = self.explainer.cam(x, target)
+            fused, levels, names, explained = (
+                result.fused[0],
+                torch.cat(list(result.values()), 1)[0],
+                list(result),
+                result.targets[0],
+            )
+        else:
+            if target is None:
+                with restore_mode(self.network), torch.no_grad():
+                    explained = resolve_targets(None, self.network(x))
+            else:
+                explained = torch.tensor([target])
+            fused = minmax_normalize(self.explainer.attribute(x, explained.reshape(-1)).abs())[0]
+            levels, names = fused, [self.mode]
+        d[self._out(key)] = as_meta_like(fused, image)
         d[self._out(key, "_levels")] = as_meta_like(levels, image)
-        d[self._out(key, "_levels")].meta["levels"] = list(result)
-        d[self._out(key, "_class")] = int(result.targets[0])
+        d[self._out(key, "_levels")].meta["levels"] = names
+        d[self._out(key, "_class")] = int(torch.as_tensor(explained).reshape(-1)[0])
 
 
 class Attributiond(_ExplanationTransform):
@@ -262,9 +286,7 @@ class ExplanationFaithfulnessd(MapTransform):
                 maps[f"{key}_random"] = torch.rand(maps[key].shape, generator=generator).to(image.device)
             for name, attribution in maps.items():
                 for kind, metric in (("deletion", deletion_auc), ("insertion", insertion_auc)):
-                    value = metric(
-                        self.network, image, attribution, target, self.steps, self.baseline, seed=self.seed
-                    )
+                    value = metric(self.network, image, attribution, target, self.steps, self.baseline, seed=self.seed)
                     d[f"{name}_{kind}_auc"] = value[0].detach().cpu()
         return d
 

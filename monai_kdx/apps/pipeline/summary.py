@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from monai_kdx.explain import HierarchicalCAM
+from monai_kdx.explain import CAM_MODES, HierarchicalCAM
 from monai_kdx.metrics import bootstrap_interval, explanation_agreement
 from monai_kdx.networks import count_macs, count_parameters, median_seconds, timed
 from monai_kdx.reporting import bar_panels, format_cell, markdown_table, write_json
+from monai_kdx.transforms import HierarchicalExplanationd
 from monai_kdx.visualize import draw_overlay, save_figure, subplots
 
 __all__ = ["COLUMNS", "RANDOM_ROW", "agreement_matrix", "summary_markdown", "write_summary"]
@@ -138,7 +139,7 @@ def write_summary(
     training: Mapping[str, Mapping[str, Any]],
     title: str,
     notes: str = "",
-    cam_mode: str = "gradcam",
+    method: str = "layercam",
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Measure and write the summary report of trained, explained models.
 
@@ -155,8 +156,9 @@ def write_summary(
             :class:`monai_kdx.handlers.TrainingStop`).
         explanation_folders: name → folder of the model's saved CAMs (for the agreement).
         title: the report's title.
-        notes: markdown appended to the report (e.g. where MLflow holds the runs).
-        cam_mode: the explanation mode timed and drawn.
+        notes: markdown appended to the report (e.g. which explanation and why, where MLflow holds the runs).
+        method: the explanation timed (a CAM mode or a registered explainer); ``hierarchy.png`` draws the CAM levels
+            of this mode, or of LayerCAM for a pixel attribution method.
 
     Returns:
         The summary rows and ``{"markdown", "json", "plot", "hierarchy"}`` paths.
@@ -180,13 +182,13 @@ def write_summary(
             network = network.cpu().eval()
             with torch.no_grad():
                 latency = median_seconds(lambda network=network: network(first), repeats=7)
-            explainer = HierarchicalCAM(network, mode=cam_mode)
+            explain = HierarchicalExplanationd("image", network, mode=method, target_key="label")
             times = []
             for sample in samples:
-                x, label = sample["image"].as_tensor()[None].float(), int(sample["label"])
-                explainer.cam(x, label)  # warm-up
-                times.append(timed(lambda e=explainer, x=x, label=label: e.cam(x, label))[1])
-            result = explainer.cam(first, int(samples[0]["label"]))
+                explain(sample)  # warm-up
+                times.append(timed(lambda e=explain, sample=sample: e(sample))[1])
+            levels_mode = method if method in CAM_MODES else "layercam"
+            result = HierarchicalCAM(network, mode=levels_mode).cam(first, int(samples[0]["label"]))
             hierarchy[name] = {
                 **{f"L{i + 1}": level[0, 0].numpy() for i, level in enumerate(result.levels.values())},
                 "fused": result.fused[0, 0].numpy(),
@@ -252,9 +254,9 @@ def write_summary(
     )
     text = f"""# {title}
 
-Latency and explanation time (hierarchical {cam_mode} at every stage, one forward + one backward) on one CPU thread,
-batch of one; localization against the lesion masks ({n_lesion} test cases with a lesion); faithfulness by
-deletion/insertion of the most relevant voxels; agreement is the mean Pearson correlation of two models' fused maps.
+The explanation is {method}: its maps are what the scores below measure. Latency and explanation time on one CPU
+thread, batch of one; localization against the lesion masks ({n_lesion} test cases with a lesion); faithfulness by
+deletion/insertion of the most relevant voxels; agreement is the mean Pearson correlation of two models' maps.
 Accuracy over {n_test} test cases. In brackets: 95% bootstrap intervals. The "{RANDOM_ROW}" row scores a uniform
 random map of the same cases: the chance level. "epochs (stopped by)": how many epochs the model's training ran and
 why it stopped (a validation plateau, the epoch cap, or the time budget).
