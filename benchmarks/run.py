@@ -56,15 +56,15 @@ def import_time(quick: bool) -> dict[str, Any]:
 
 
 def _teacher_and_student() -> tuple[Any, Any]:
-    """The brain_mri_3d bundle's networks: the teacher (narrow DenseNet121) and the ShallowCNN student."""
+    """The brain_mri_3d bundle's networks (its teacher_def and student_def), freshly built."""
     import torch
-    from monai.networks.nets import DenseNet121
 
-    from monai_kdx.networks import ShallowCNN
+    from monai_kdx.apps.pipeline import bundle_parser
+    from monai_kdx.networks import build_network
 
     torch.manual_seed(0)
-    teacher = DenseNet121(spatial_dims=3, in_channels=1, out_channels=4, init_features=16, growth_rate=8)
-    return teacher, ShallowCNN(3, 1, 4)
+    parser = bundle_parser("brain_mri_3d", ["train_teacher.yaml"])
+    return tuple(build_network(parser.get_parsed_content(key)) for key in ("teacher_def", "student_def"))
 
 
 @benchmark
@@ -348,12 +348,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
     epochs = (settings["max_epochs"],) * 2 if quick else (ACCURACY_TEACHER_EPOCHS, ACCURACY_STUDENT_EPOCHS)
     teacher_epochs, student_epochs = epochs
     size = settings.get("spatial_size", 64)
-    student_def = {  # trained by train_teacher.yaml in place of the teacher (the bundle's student_def)
-        "network": "ShallowCNN",
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": "@num_classes",
-    }
+    student_def = "@student_def"  # trained by train_teacher.yaml in place of the teacher (the bundle's student)
     image = torch.randn(1, 1, size, size, size)
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as folder:

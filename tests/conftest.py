@@ -70,3 +70,14 @@ def brain_teacher(tmp_path_factory):
     bundle_run("brain_mri_3d", ["train_teacher.yaml"], tmp_path, env)
     bundle_run("brain_mri_3d", ["train_teacher.yaml", "evaluate.yaml"], tmp_path, env)
     return tmp_path, env, f"sqlite:///{tmp_path / 'runs' / 'mlruns.db'}"
+
+
+def bundle_network(bundle: str, key: str = "student_def"):
+    """The network of the bundle's spec ``key`` (train_teacher.yaml), freshly built: what its checkpoints hold."""
+    from monai.bundle import ConfigParser
+
+    from monai_kdx.networks import build_network
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "train_teacher.yaml"))
+    return build_network(parser.get_parsed_content(key))

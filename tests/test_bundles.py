@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, VENV_BIN, bundle_run
+from conftest import REPO, VENV_BIN, bundle_network, bundle_run
 from mlflow.tracking import MlflowClient
 
-from monai_kdx.networks import ShallowCNN, load_weights
+from monai_kdx.networks import load_weights
 from monai_kdx.tracking import latest_run, run_summary
 
 
@@ -54,7 +54,7 @@ def test_brain_mri_3d_distill_logs_every_loss_part(brain_teacher):
     assert distill["params"]["student"] == "ShallowCNN"
     assert distill["params"]["teacher_checkpoint"] == str(tmp_path / "runs" / "models" / "model.pt")
     assert {"model.pt", "model_final.pt"} <= set(distill["artifacts"])
-    load_weights(ShallowCNN(3, 1, 4), str(tmp_path / "runs" / "student" / "model_final.pt"))
+    load_weights(bundle_network("brain_mri_3d"), str(tmp_path / "runs" / "student" / "model_final.pt"))
     saved = torch.load(tmp_path / "runs" / "student" / "model_final.pt", weights_only=True)
     assert set(saved) == {"model", "distillation_loss"}  # student + loss (adapters), no teacher
     teacher_after = torch.load(tmp_path / "runs" / "models" / "model_final.pt", weights_only=True)
@@ -81,7 +81,7 @@ def test_brain_mri_3d_explain_writes_overlaying_heatmaps_and_logs_metrics(brain_
         for written in (fused, levels):
             np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
             assert written.shape[:3] == source.shape
-        assert levels.shape[-1] == 4  # features.denseblock1..4
+        assert levels.shape[-1] == 3  # features.denseblock1..3 (denseblock4 is one voxel at 32^3: no map)
         fused_values = np.asarray(fused.dataobj)
         assert fused_values.min() >= 0 and fused_values.max() == pytest.approx(1.0)
         assert (folder / f"{stem}_cam.png").stat().st_size > 1000
@@ -145,7 +145,7 @@ def test_chest_xray_2d_teacher_with_monai_tracking_flag_then_explanation_distill
     assert parts["train_loss"] == pytest.approx(
         parts["train_task"] + parts["train_kd"] + parts["train_attention"] + parts["train_explanation"], rel=1e-4
     )
-    load_weights(ShallowCNN(2, 1, 3), str(tmp_path / "runs" / "student" / "model_final.pt"))
+    load_weights(bundle_network("chest_xray_2d"), str(tmp_path / "runs" / "student" / "model_final.pt"))
 
     explain = ["train_teacher.yaml", "explain.yaml"]
     bundle_run("chest_xray_2d", explain, tmp_path, subprocess_env, "--explanation_method", "gradcam")
@@ -204,6 +204,8 @@ BUNDLES = ("brain_mri_3d", "chest_xray_2d")
 BUNDLE_DIFFERENCES = {
     "train_teacher.yaml": {
         "dataset_kind", "n_samples", "spatial_size", "spatial_dims", "num_classes", "batch_size", "experiment_name",
+        "split_fractions#0", "split_fractions#2", "dataset_knobs",
+        *(f"dataset_knobs#{knob}#{i}" for knob in ("lesion_size", "lesion_contrast") for i in (0, 1)),
         *(f"train#preprocessing#transforms#3#{key}" for key in (
             "_target_", "spatial_axis", "rotate_range", "scale_range", "padding_mode"
         )),

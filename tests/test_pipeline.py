@@ -16,7 +16,7 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from conftest import VENV_BIN
+from conftest import VENV_BIN, bundle_network
 from mlflow.tracking import MlflowClient
 
 from monai_kdx.apps.pipeline import Pipeline, check_checkpoint, runner
@@ -240,9 +240,9 @@ def test_pipeline_stages_against_a_real_mlflow_server(mlflow_server, subprocess_
     assert distill["artifact_uri"].startswith("mlflow-artifacts:")  # stored by the server, not locally
     # the registered student, downloaded over HTTP, predicts like the best checkpoint
     model = load_classifier("models:/brain_mri_3d_student/1", url)
-    from monai_kdx.networks import ShallowCNN, load_weights
+    from monai_kdx.networks import load_weights
 
-    network = load_weights(ShallowCNN(3, 1, 4), str(out / "student" / "model.pt")).eval()
+    network = load_weights(bundle_network("brain_mri_3d"), str(out / "student" / "model.pt")).eval()
     x = torch.randn(2, 1, 32, 32, 32)
     with torch.no_grad():
         np.testing.assert_allclose(model.predict(x.numpy()), torch.softmax(network(x), 1).numpy(), atol=1e-5)

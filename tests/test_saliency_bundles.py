@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VENV_BIN, bundle_run
+from conftest import VENV_BIN, bundle_network, bundle_run
 from mlflow.tracking import MlflowClient
 
-from monai_kdx.networks import ShallowCNN, load_weights
+from monai_kdx.networks import load_weights
 from monai_kdx.tracking import latest_run, run_summary
 
 
@@ -25,7 +25,7 @@ def test_brain_mri_3d_saliency_train_logs_the_saliency_term(brain_teacher):
     history = MlflowClient(uri).get_metric_history(summary["run_id"], "train_saliency")
     assert sorted(m.step for m in history) == [1, 2]
     # a plain ShallowCNN checkpoint: inference needs nothing of the saliency machinery
-    load_weights(ShallowCNN(3, 1, 4), str(tmp_path / "runs" / "saliency" / "model_final.pt"))
+    load_weights(bundle_network("brain_mri_3d"), str(tmp_path / "runs" / "saliency" / "model_final.pt"))
 
 
 @pytest.mark.slow
@@ -40,7 +40,7 @@ def test_brain_mri_3d_saliency_train_with_torchrun_two_ranks_on_gloo(brain_teach
     rank1 = torch.load(tmp_path / "runs" / "saliency_rank1.pt", weights_only=True)
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    initial = ShallowCNN(3, 1, 4).state_dict()
+    initial = bundle_network("brain_mri_3d").state_dict()
     assert any(not torch.equal(rank0[k], initial[k]) for k in rank0 if k.endswith("weight"))  # it trained
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("brain_mri_3d").experiment_id])
@@ -51,7 +51,7 @@ def test_brain_mri_3d_saliency_train_with_torchrun_two_ranks_on_gloo(brain_teach
 @pytest.mark.slow
 def test_chest_xray_2d_saliency_train_with_the_gain_loss(tmp_path, subprocess_env):
     """The 2D bundle, with the loss swapped from the command line (GAIN: attention mining + pixel supervision)."""
-    gain = "$monai_kdx.losses.saliency.GAINLoss(@saliency_layer)"
+    gain = "$monai_kdx.losses.saliency.GAINLoss('blocks.2')"  # GAIN masks the image with one layer's map
     bundle_run(
         "chest_xray_2d", ["train_teacher.yaml", "saliency_train.yaml"], tmp_path, subprocess_env,
         "--saliency_loss", gain, "--spatial_size", "64",
@@ -60,4 +60,4 @@ def test_chest_xray_2d_saliency_train_with_the_gain_loss(tmp_path, subprocess_en
     summary = run_summary(uri, latest_run(uri, "chest_xray_2d", "saliency_train"))
     assert {"train_loss", "train_saliency", "val_accuracy"} <= set(summary["metrics"])
     assert summary["params"]["dataset_kind"] == "chest-xray-2d" and summary["params"]["saliency_loss"] == "GAINLoss"
-    load_weights(ShallowCNN(2, 1, 3), str(tmp_path / "runs" / "saliency" / "model_final.pt"))
+    load_weights(bundle_network("chest_xray_2d"), str(tmp_path / "runs" / "saliency" / "model_final.pt"))

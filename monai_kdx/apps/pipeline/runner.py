@@ -482,6 +482,7 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
         explain_metrics=per_model,
         explanation_folders=folders,
         training=training,
+        gaze=_test_gaze(pipeline),
         title=f"monai_kdx pipeline report: {pipeline.bundle}",
         notes=_choice_text(choice)
         + f"\n\nMLflow: `{pipeline.tracking_uri}`, experiment `{pipeline.experiment_name}`, parent run "
@@ -513,6 +514,19 @@ def _choice_text(choice: Mapping[str, Any]) -> str:
         f"{listed}). No single method localizes best on every dataset and network, so the main job chooses on data "
         "it does not report on."
     )
+
+
+def _test_gaze(pipeline: Pipeline) -> dict[str, tuple[str, Any]]:
+    """case → (gaze heatmap file, fixations) of the test entries that have them (the report's gaze scores)."""
+    from monai_kdx.transforms import case_name
+
+    parser = pipeline.parser(["train_teacher.yaml", "explain.yaml"])
+    root = parser.get_parsed_content("data_root")
+    return {
+        case_name(entry["image"], root): (entry["gaze"], entry["fixations"])
+        for entry in parser.get_parsed_content("test#dataset").data
+        if isinstance(entry.get("gaze"), str) and entry.get("fixations")
+    }
 
 
 def _test_samples(pipeline: Pipeline, limit: int) -> list[Mapping[str, Any]]:

@@ -47,6 +47,8 @@ COLUMNS = (
     ("insertion_auc", "insertion AUC ↑", "{:.3f}"),
     ("agreement_teacher", "agreement w/ teacher [95% CI]", "±"),
     ("agreement_student", "agreement w/ student [95% CI]", "±"),
+    ("gaze_kl", "KL to gaze ↓", "{:.3f}"),
+    ("gaze_nss", "NSS at gaze ↑", "{:.3f}"),
     ("training", "epochs (stopped by)", "{}"),
 )
 _SUFFIX = "_cam.nii.gz"
@@ -58,6 +60,44 @@ def _cam_files(folder: str) -> dict[str, str]:
     return {name[: -len(_SUFFIX)]: os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(_SUFFIX)}
 
 
+def _load_map(path: str) -> torch.Tensor:
+    """A saved NIfTI map as (1, 1, *spatial) float32."""
+    import nibabel as nib
+
+    return torch.as_tensor(np.asarray(nib.load(path).dataobj, dtype=np.float32)).squeeze()[None, None]
+
+
+def gaze_scores(folder: str, gaze: Mapping[str, tuple[str, Sequence[Sequence[float]]]]) -> dict[str, list[float]]:
+    """How close a model's saved maps are to where the (simulated) radiologists looked, per case: the KL divergence
+    to the gaze heatmap and the NSS at the fixations (Bylinskii et al.; :mod:`monai_kdx.metrics.saliency`).
+
+    Args:
+        folder: the model's ``<case>_cam.nii.gz`` maps.
+        gaze: case → (its gaze heatmap file, its fixations in array indices ``[[i, j, (k,) duration], ...]``).
+
+    Returns:
+        ``{"kl": [...], "nss": [...]}`` over the cases with both a map and a gaze heatmap.
+    """
+    from monai_kdx.data.gaze import fixations_to_binary_map
+    from monai_kdx.metrics import saliency_kl, saliency_nss
+
+    files = _cam_files(folder)
+    scores: dict[str, list[float]] = {"kl": [], "nss": []}
+    for case, (heatmap_path, fixations) in gaze.items():
+        if case not in files:
+            continue
+        saliency, heatmap = _load_map(files[case]), _load_map(heatmap_path)
+        if float(heatmap.sum()) <= 0 or saliency.shape != heatmap.shape:
+            continue
+        spatial = tuple(heatmap.shape[2:])
+        points = [point[: len(spatial)] for point in fixations]
+        binary = torch.as_tensor(fixations_to_binary_map(points, spatial), dtype=torch.float32)[None, None]
+        scores["kl"].append(float(saliency_kl(saliency, heatmap)[0]))
+        if float(binary.sum()) > 0:
+            scores["nss"].append(float(saliency_nss(saliency, binary)[0]))
+    return scores
+
+
 def agreement_matrix(folders: Mapping[str, str]) -> dict[tuple[str, str], list[float]]:
     """Per-case Pearson correlation of the fused maps two models saved for the same cases.
 
@@ -67,14 +107,12 @@ def agreement_matrix(folders: Mapping[str, str]) -> dict[tuple[str, str], list[f
     Returns:
         ``{(a, b): [correlation of each common case]}`` for every ordered pair of models with common cases.
     """
-    import nibabel as nib
-
     files = {name: _cam_files(folder) for name, folder in folders.items()}
     cache: dict[str, torch.Tensor] = {}
 
     def load(path: str) -> torch.Tensor:
         if path not in cache:
-            cache[path] = torch.as_tensor(np.asarray(nib.load(path).dataobj, dtype=np.float32)).squeeze()[None, None]
+            cache[path] = _load_map(path)
         return cache[path]
 
     matrix = {}
@@ -137,6 +175,7 @@ def write_summary(
     explain_metrics: Mapping[str, Mapping[str, float]],
     explanation_folders: Mapping[str, str],
     training: Mapping[str, Mapping[str, Any]],
+    gaze: Mapping[str, tuple[str, Sequence[Sequence[float]]]] | None = None,
     title: str,
     notes: str = "",
     method: str = "layercam",
@@ -154,6 +193,8 @@ def write_summary(
         explain_metrics: name → the explain run's metrics (means of the faithfulness scores).
         training: name → how its training ended (``epochs_run``, ``stop_reason``; see
             :class:`monai_kdx.handlers.TrainingStop`).
+        gaze: case → (gaze heatmap file, fixations): each model's maps are also scored against where the
+            radiologists looked (:func:`gaze_scores`; KL and NSS with their intervals). None: not scored.
         explanation_folders: name → folder of the model's saved CAMs (for the agreement).
         title: the report's title.
         notes: markdown appended to the report (e.g. which explanation and why, where MLflow holds the runs).
@@ -208,6 +249,10 @@ def write_summary(
                 "cam_levels": list(result.levels),
             }
             _with_interval(row, "test_accuracy", [case["correct"] for case in cases])
+            if gaze:
+                scores = gaze_scores(explanation_folders[name], gaze)
+                _with_interval(row, "gaze_kl", scores["kl"])
+                _with_interval(row, "gaze_nss", scores["nss"])
             _with_interval(row, "pointing_game", [case["cam_pointing_game"] for case in cases])
             for other in ("teacher", "student"):
                 _with_interval(row, f"agreement_{other}", agreement.get((name, other), []))
