@@ -176,6 +176,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _parse_checkpoints(values: Sequence[str] | None, kinds: Sequence[str]) -> dict[str, str]:
     """``KIND=PATH`` entries (or one bare ``PATH`` when a single kind is compared) → {kind: path}."""
+    from monai_kdx.networks import read_state_dict
+
     checkpoints: dict[str, str] = {}
     for value in values or []:
         kind, sep, path = value.partition("=")
@@ -187,6 +189,10 @@ def _parse_checkpoints(values: Sequence[str] | None, kinds: Sequence[str]) -> di
             raise ValueError(f"--checkpoint {value!r}: kind {kind!r} is not compared; compared kinds: {list(kinds)}.")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--checkpoint {value!r}: no file at {path!r}.")
+        try:
+            read_state_dict(path)  # a truncated or foreign file fails here, before any data or training
+        except ValueError as error:
+            raise ValueError(f"--checkpoint {value!r}: {error}") from error
         checkpoints[kind] = path
     return checkpoints
 

@@ -17,6 +17,7 @@ from monai_kdx.networks import (
     ShallowCNN,
     build_network,
     check_network_spec,
+    load_weights,
     network_spec,
     register_network,
 )
@@ -109,6 +110,40 @@ def test_a_file_without_modules_or_weights_is_named(tmp_path):
     torch.save({"format": FORMAT, "builder": SHALLOW}, path)
     with pytest.raises(ValueError, match=r"has no \['modules', 'state_dict'\] entries"):
         load_pruned(path)
+
+
+def test_checkpoints_of_another_architecture_truncated_or_foreign_are_named_in_one_line(tmp_path):
+    network = build_network(SHALLOW)
+    good = tmp_path / "good.pt"
+    torch.save({"model": network.state_dict(), "optimizer": {"state": {}}}, good)
+    other = build_network(network_spec(network))
+
+    def same(a, b) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a.values(), b.values(), strict=True))
+
+    assert not same(other.state_dict(), network.state_dict())
+    load_weights(other, str(good))  # CheckpointSaver's {"model": ...} layout loads, the weights arrive
+    assert same(other.state_dict(), network.state_dict())
+
+    wider = tmp_path / "wider.pt"
+    torch.save(build_network({**SHALLOW, "channels": [4, 16]}).state_dict(), wider)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    for path, words in (
+        (wider, r"wider\.pt' does not fit ShallowCNN: \d+ of another shape \(first: blocks\.1"),
+        (truncated, r"truncated\.pt' is corrupt or not a PyTorch checkpoint"),
+        (listed, r"list\.pt' holds no state dict of tensors \(list\)"),
+    ):
+        with pytest.raises(ValueError, match=words) as raised:
+            load_weights(other, str(path))
+        assert "\n" not in str(raised.value)
+    assert same(before, other.state_dict())  # nothing half-loaded
+    with pytest.raises(ValueError, match=r"1 unexpected \(first: extra\)"):
+        torch.save({**network.state_dict(), "extra": torch.ones(1)}, good)
+        load_weights(other, str(good))
 
 
 def test_specs_travel_with_built_and_pruned_networks(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, VENV_BIN, bundle_network, bundle_run
+from conftest import REPO, bundle_network, bundle_run
 from mlflow.tracking import MlflowClient
 
 from monai_kdx.networks import load_weights
@@ -102,25 +102,6 @@ def test_brain_mri_3d_explain_writes_overlaying_heatmaps_and_logs_metrics(brain_
     assert metrics["test_accuracy"] == pytest.approx(np.mean([row["correct"] for row in rows]))
     lesion_free = [row for row in rows if row["label"] == 0]  # class 0: no tumour, nothing to point at
     assert all(np.isnan(row["cam_pointing_game"]) for row in lesion_free)
-
-
-@pytest.mark.slow
-def test_brain_mri_3d_distill_with_torchrun_two_ranks_on_gloo(brain_teacher):
-    """`torchrun --nproc_per_node=2` with the multi-GPU override: both ranks end with the same student."""
-    tmp_path, env, uri = brain_teacher
-    torchrun = (str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m")
-    configs = ["train_teacher.yaml", "distill.yaml", "multi_gpu_distill.yaml"]
-    extra = ("--run_name", "distill_ddp", "--save_rank_weights", "true")
-    bundle_run("brain_mri_3d", configs, tmp_path, env, *extra, launcher=torchrun)
-    rank0 = torch.load(tmp_path / "runs" / "student_rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "runs" / "student_rank1.pt", weights_only=True)
-    assert rank0.keys() == rank1.keys()
-    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    saved = torch.load(tmp_path / "runs" / "student" / "model_final.pt", weights_only=True)["model"]  # by rank 0
-    assert saved.keys() == rank0.keys() and all(torch.equal(saved[k], rank0[k]) for k in rank0)
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("brain_mri_3d").experiment_id])
-    assert [r.info.run_name for r in runs].count("distill_ddp") == 1  # only rank 0 logs
 
 
 @pytest.mark.slow

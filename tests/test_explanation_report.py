@@ -272,6 +272,16 @@ def test_cli_bad_input_fails_clearly_before_work(tmp_path, capsys, arguments, me
     assert not out.exists()
 
 
+def test_cli_names_a_corrupt_checkpoint_before_work(tmp_path, capsys):
+    out, checkpoint = tmp_path / "report", tmp_path / "model.pt"
+    checkpoint.write_bytes(b"PK\x03\x04 truncated")
+    arguments = ["--kind", "brain-mri-3d", "--checkpoint", str(checkpoint), "--out", str(out)]
+    assert main(["compare-explanations", *arguments]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "model.pt' is corrupt or not a PyTorch checkpoint" in error[0]
+    assert not out.exists() and not (tmp_path / "data").exists()
+
+
 def test_cli_quick_writes_the_three_files(tmp_path, subprocess_env):
     command = [
         sys.executable, "-m", "monai_kdx.cli", "compare-explanations", "--quick", "--threads", "1",

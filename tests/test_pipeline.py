@@ -155,15 +155,21 @@ def test_check_checkpoint_names_the_file_and_the_reason(tmp_path):
         check_checkpoint(str(tmp_path / "missing.pt"), "prune", "the student")
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    with pytest.raises(ValueError, match="empty.pt: the file is corrupt"):
+    with pytest.raises(ValueError, match=r"stage 'prune' needs the student: checkpoint '.*empty.pt' is corrupt"):
         check_checkpoint(str(empty), "prune", "the student")
     scalar = tmp_path / "scalar.pt"
     torch.save(torch.tensor(1.0), scalar)
-    with pytest.raises(ValueError, match="holds no weights"):
+    with pytest.raises(ValueError, match="scalar.pt' holds no state dict of tensors"):
         check_checkpoint(str(scalar), "prune", "the student")
     good = tmp_path / "good.pt"
     torch.save({"model": {"w": torch.ones(1)}}, good)
     check_checkpoint(str(good), "prune", "the student")
+    from monai_kdx.networks import build_network
+    from monai_kdx.pruning import save_pruned
+
+    network = build_network({"network": "ShallowCNN", "spatial_dims": 2, "in_channels": 1, "out_channels": 3})
+    pruned = save_pruned(network, tmp_path / "pruned.pt")  # the explain stage's input
+    check_checkpoint(str(pruned), "explain", "the pruned student")
 
 
 def test_pipeline_refuses_bad_settings_before_any_work(tmp_path):

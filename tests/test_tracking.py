@@ -4,15 +4,18 @@ fail-fast checks of the tracking URI (also from a real `monai.bundle run`)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from conftest import REPO
 from ignite.engine import Engine, Events
+from mlflow.tracking import MlflowClient
 from monai.engines import SupervisedTrainer
 from monai.handlers import MLFlowHandler
 
@@ -95,6 +98,40 @@ def test_model_logger_writes_into_the_mlflow_handlers_run_and_registers(tmp_path
     np.testing.assert_allclose(model.predict(x), expected, atol=1e-5)
 
 
+def test_model_logger_refuses_a_stale_file_an_earlier_run_left(tmp_path):
+    """A checkpoint this run never wrote (an earlier run's model.pt) is not logged: the run fails, naming it."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    network = ShallowCNN(2, 1, 3, channels=(4, 8, 8))
+    stale = tmp_path / "model.pt"
+    torch.save({"model": network.state_dict()}, stale)
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    handler = MLflowRunHandler(
+        tracking_uri=uri,
+        experiment_name="exp",
+        run_name="train",
+        output_transform=lambda output: output["loss"].item(),
+        close_on_complete=True,
+    )
+    logger = MLflowModelLogger(stale, builder=_builder(2), registered_model_name="tiny")
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=_data(2),
+        network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.1),
+        loss_function=torch.nn.CrossEntropyLoss(),
+        train_handlers=[handler, logger],
+        decollate=False,
+    )
+    with pytest.raises(FileNotFoundError, match=r"model\.pt was not written by this run \(last written"):
+        trainer.run()
+    assert logger.logged is None
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert run.info.status == "FAILED"
+    assert not client.search_registered_models()  # nothing registered
+
+
 def test_model_logger_without_mlflow_handler_fails_before_training(tmp_path):
     network = ShallowCNN(2, 1, 3, channels=(4, 8))
     iterations = []
@@ -145,7 +182,6 @@ def test_pruned_model_registered_loads_without_pickles_and_predicts(tmp_path):
 
 
 def _download(uri: str, run_id: str, path: str) -> str:
-    from mlflow.tracking import MlflowClient
 
     return MlflowClient(uri).download_artifacts(run_id, path)
 
@@ -241,7 +277,6 @@ def test_run_handler_marks_a_failure_and_never_adopts_a_finished_or_failed_run(t
     good.run()
     again = trainer(fail=False)
     again.run()
-    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("exp")

@@ -158,7 +158,7 @@ def cam_figure(image, mask, maps: dict[str, dict[str, np.ndarray]], path: Path, 
 
 
 def part_3d(out: Path, quick: bool) -> dict[str, dict[str, list[float]]]:
-    n, epochs, batch = (48, 6, 8) if quick else (160, 12, 8)
+    n, epochs, batch = (48, 3, 8) if quick else (160, 12, 8)
     classes = len(class_names("brain-mri-3d"))
     datalist = write_dataset(out / "brain", kind="brain-mri-3d", n=n, seed=0, spatial_size=32, progress=False,
                              **KNOBS_3D)  # fmt: skip
@@ -224,7 +224,7 @@ def part_3d(out: Path, quick: bool) -> dict[str, dict[str, list[float]]]:
 
 
 def part_2d(quick: bool) -> dict[str, dict[str, list[float]]]:
-    n, epochs = (48, 3) if quick else (120, 8)
+    n, epochs = (48, 2) if quick else (120, 8)
     samples = generate_dataset("chest-xray-2d", n=n, seed=0, spatial_size=64, lesion_size=(10.0, 20.0))
     classes = len(class_names("chest-xray-2d"))
     transform = Compose([NormalizeIntensityd(keys="image"), EnsureTyped(keys="image", dtype=torch.float32)])

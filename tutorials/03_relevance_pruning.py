@@ -140,7 +140,7 @@ def figure(before, after, relevance, kept, path: Path) -> None:
 
 
 def part_3d(out: Path, quick: bool) -> None:
-    n, epochs, tune_epochs = (64, 8, 3) if quick else (160, 12, 4)
+    n, epochs, tune_epochs = (48, 3, 1) if quick else (160, 12, 4)
     classes = len(class_names("brain-mri-3d"))
     datalist = write_dataset(out / "brain", kind="brain-mri-3d", n=n, seed=0, spatial_size=32, progress=False,
                              **KNOBS_3D)  # fmt: skip
@@ -197,7 +197,7 @@ def part_3d(out: Path, quick: bool) -> None:
 
 
 def part_2d(quick: bool) -> None:
-    n, epochs = (48, 3) if quick else (160, 8)
+    n, epochs = (48, 2) if quick else (160, 8)
     samples = generate_dataset("chest-xray-2d", n=n, seed=0, spatial_size=64, lesion_size=(10.0, 20.0))
     classes = len(class_names("chest-xray-2d"))
     transform = Compose([NormalizeIntensityd(keys="image"), EnsureTyped(keys="image", dtype=torch.float32)])

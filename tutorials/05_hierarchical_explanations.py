@@ -157,7 +157,7 @@ def score_figure(table: dict[str, dict[str, float]], path: Path) -> None:
 
 
 def part_3d(out: Path, quick: bool) -> None:
-    n, epochs, steps = (64, 8, 10) if quick else (160, 12, 20)
+    n, epochs, steps = (64, 3, 8) if quick else (160, 12, 20)
     names = class_names("brain-mri-3d")
     datalist = write_dataset(out / "brain", kind="brain-mri-3d", n=n, seed=0, spatial_size=32, progress=False,
                              **KNOBS_3D)  # fmt: skip
@@ -206,7 +206,7 @@ def part_3d(out: Path, quick: bool) -> None:
 
 
 def part_2d(out: Path, quick: bool) -> None:
-    n, epochs = (48, 4) if quick else (160, 8)
+    n, epochs = (48, 2) if quick else (160, 8)
     samples = generate_dataset("chest-xray-2d", n=n, seed=0, spatial_size=64, lesion_size=(10.0, 20.0))
     names = class_names("chest-xray-2d")
 

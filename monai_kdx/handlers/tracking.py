@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +42,8 @@ class MLflowRunHandler(MLFlowHandler):
       never into a finished, failed or killed run (MONAI's handler adopts any run that is not FINISHED, so a failed
       attempt and the next one would share a run);
     - when the engine raises, its run is marked FAILED (and the exception goes on), so no later run adopts it;
+      with ``close_on_complete`` the run closes after every other ``COMPLETED`` handler, so one that fails there
+      (e.g. :class:`MLflowModelLogger` refusing a stale file) fails the run too;
     - a new experiment keeps its artifacts next to an embedded SQLite store
       (:func:`monai_kdx.tracking.artifact_location`), not in ``./mlruns`` of the working directory.
 
@@ -67,6 +70,9 @@ class MLflowRunHandler(MLFlowHandler):
                     if active
                     else self.client.create_run(experiment_id=experiment, run_name=self.run_name)
                 )
+        if self.close_on_complete and engine.has_event_handler(self.close, Events.COMPLETED):
+            engine.remove_event_handler(self.close, Events.COMPLETED)  # re-added last: closes after the others
+            engine.add_event_handler(Events.COMPLETED, self.close)
         super().start(engine)
         setattr(engine.state, RUN_STATE, (self.client, self.cur_run.info.run_id))
 
@@ -103,6 +109,8 @@ class MLflowModelLogger:
     Raises:
         RuntimeError: before the first iteration, on rank 0, when no :class:`MLflowRunHandler` has published its run
             on the engine.
+        FileNotFoundError: at completion, ``path`` does not exist, or was last written before the engine started
+            (a stale file of an earlier run is never logged).
     """
 
     def __init__(
@@ -121,13 +129,29 @@ class MLflowModelLogger:
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
         self.image_key = image_key
         self.run: tuple[Any, str] | None = None
+        self.started: float | None = None  # when the engine started: older files are not this run's
         self.logged = None  # the LoggedModel, after COMPLETED
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._remember_start)
         # the first iteration starts after every STARTED handler: the run handler has published its run by then
         engine.add_event_handler(Events.ITERATION_STARTED(once=1), self._remember_run)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._remember_run)
         engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def _remember_start(self, engine: Engine) -> None:
+        self.started = time.time()
+
+    def check_written_by_this_run(self) -> None:
+        """Refuse a missing file, or one last written before the engine started (one line naming it)."""
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"MLflowModelLogger: {self.path} was not written by this run (no such file).")
+        modified = os.path.getmtime(self.path)
+        if self.started is not None and modified < self.started - 1.0:  # 1 s: file systems with coarse clocks
+            raise FileNotFoundError(
+                f"MLflowModelLogger: {self.path} was not written by this run (last written "
+                f"{time.ctime(modified)}, before the run started {time.ctime(self.started)}); nothing is logged."
+            )
 
     def _remember_run(self, engine: Engine) -> None:
         self.run = getattr(engine.state, RUN_STATE, None) or self.run
@@ -146,6 +170,7 @@ class MLflowModelLogger:
         batch = getattr(engine.state, "batch", None)
         if shape is None and isinstance(batch, Mapping) and self.image_key in batch:
             shape = tuple(batch[self.image_key].shape[1:])
+        self.check_written_by_this_run()
         client, run_id = run
         self.logged = log_classifier(
             client,

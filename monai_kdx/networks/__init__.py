@@ -22,7 +22,14 @@ from .builders import (
     set_network_spec,
 )
 from .capture import FeatureCapture, module_paths, resolve_module, unwrap_network
-from .introspect import check_network_input, in_channels_of, load_weights, num_classes_of, spatial_dims_of
+from .introspect import (
+    check_network_input,
+    in_channels_of,
+    load_weights,
+    num_classes_of,
+    read_state_dict,
+    spatial_dims_of,
+)
 from .modes import restore_mode
 from .profiling import count_macs, count_parameters, latency_ms, median_seconds, timed
 from .students import ShallowCNN, densenet_student, resnet_student
@@ -44,6 +51,7 @@ __all__ = [
     "check_network_input",
     "in_channels_of",
     "load_weights",
+    "read_state_dict",
     "num_classes_of",
     "spatial_dims_of",
     "restore_mode",

@@ -7,7 +7,14 @@ from torch import nn
 
 from .capture import unwrap_network
 
-__all__ = ["spatial_dims_of", "in_channels_of", "num_classes_of", "check_network_input", "load_weights"]
+__all__ = [
+    "spatial_dims_of",
+    "in_channels_of",
+    "num_classes_of",
+    "check_network_input",
+    "load_weights",
+    "read_state_dict",
+]
 
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
@@ -78,23 +85,51 @@ def check_network_input(network: nn.Module, inputs: object, name: str = "inputs"
         raise ValueError(f"{name} contain NaN or infinite values.")
 
 
-def load_weights(network: nn.Module, path: str, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load a state dict saved by MONAI's ``CheckpointSaver`` (single item or ``{"model": ...}``)
-    into ``network`` with ``weights_only=True``, and return the network.
+def read_state_dict(path: str, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict in a file saved by MONAI's ``CheckpointSaver`` (single item or ``{"model": ...}``) or by
+    :func:`monai_kdx.pruning.save_pruned` (its ``"state_dict"``), read with ``weights_only=True``.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        RuntimeError: the weights do not fit the network (names the file).
+        ValueError: the file is truncated, corrupt or not a PyTorch checkpoint, or holds no state dict (one line
+            naming the file and the reason).
     """
     import os
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}.")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
     try:
-        unwrap_network(network).load_state_dict(state)
-    except RuntimeError as error:
-        raise RuntimeError(f"checkpoint {path!r} does not fit {type(network).__name__}: {error}") from error
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, foreign pickle, empty file, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"checkpoint {path!r} is corrupt or not a PyTorch checkpoint ({reason}).") from error
+    for key in ("model", "state_dict"):  # CheckpointSaver's {"model": ...}; save_pruned's {"state_dict": ...}
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path!r} holds no state dict of tensors ({type(state).__name__}).")
+    return state
+
+
+def load_weights(network: nn.Module, path: str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load the state dict of a ``CheckpointSaver`` file (:func:`read_state_dict`) into ``network`` and return
+    the network.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file cannot be read (see :func:`read_state_dict`) or its weights do not fit the network
+            (one line naming the file, the network and the first mismatch of each kind).
+    """
+    state = read_state_dict(path, map_location)
+    target = unwrap_network(network).state_dict()
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
+               if k in state and state[k].shape != v.shape]  # fmt: skip
+    if missing or unexpected or resized:
+        kinds = (("missing", missing), ("unexpected", unexpected), ("of another shape", resized))
+        parts = [f"{len(found)} {what} (first: {found[0]})" for what, found in kinds if found]
+        raise ValueError(f"checkpoint {path!r} does not fit {type(network).__name__}: {'; '.join(parts)}.")
+    unwrap_network(network).load_state_dict(state)
     return network

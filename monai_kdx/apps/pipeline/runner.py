@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from monai_kdx.handlers import read_case_table
-from monai_kdx.networks import build_network, load_weights
+from monai_kdx.networks import build_network, load_weights, read_state_dict
 from monai_kdx.pruning import load_pruned
 from monai_kdx.tracking import Tracker, check_tracking_uri, default_tracking_uri
 
@@ -69,19 +69,14 @@ def check_checkpoint(path: str, stage: str, description: str) -> None:
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: the file cannot be read by ``torch.load(weights_only=True)`` (truncated, corrupt, not a
-            checkpoint) or holds no weights.
+            checkpoint) or holds no state dict (:func:`monai_kdx.networks.read_state_dict`).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"stage {stage!r} needs {description} {path}: the file does not exist.")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, foreign pickle, empty file, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"stage {stage!r} needs {description} {path}: the file is corrupt or not a PyTorch checkpoint ({reason})."
-        ) from error
-    if not isinstance(payload, dict) or not payload:
-        raise ValueError(f"stage {stage!r} needs {description} {path}: the file holds no weights ({type(payload)}).")
+        read_state_dict(path)
+    except ValueError as error:  # one line naming the file and the reason
+        raise ValueError(f"stage {stage!r} needs {description}: {error}") from error
 
 
 @dataclass
