@@ -2,7 +2,9 @@
 
 - ``monai-kdx make-dataset --kind brain-mri-3d --out DIR --n N --seed S``: write a semi-synthetic
   lesion dataset (NIfTI files + MONAI datalist JSON) with masks and simulated gaze.
-- ``monai-kdx demo [--quick] [--out runs/demo] [--until STAGE] [--restart]``: the main job (resumable).
+- ``monai-kdx demo [--quick] [--out runs/demo] [--until STAGE] [--restart]``: the main job (resumable) on a
+  generated dataset.
+- ``monai-kdx run --datalist FILE [--out runs/main] [...]``: the same main job on your own datalist.
 - ``monai-kdx compare-explanations [--quick] [--out DIR] [--kind KIND ...] [--methods a,b]``: every
   explanation method scored for localization, faithfulness, the randomization sanity check and time per
   image on 2D and 3D data; writes ``report.md``, ``report.png`` and ``report.json``.
@@ -34,26 +36,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="the main job: teacher, distilled student, pruned student, saliency-guided student, explanations, "
-        "summary report, all in MLflow (resumes an interrupted run)",
+        help="the main job on a generated dataset: teacher, distilled student, pruned student, saliency-guided "
+        "student, explanations, summary report, all in MLflow (resumes an interrupted run)",
     )
-    demo.add_argument("--out", default="runs/demo", help="output folder (data, checkpoints, report, MLflow store)")
-    demo.add_argument("--quick", action="store_true", help="tiny data and one epoch per stage (smoke test)")
     demo.add_argument("--bundle", default="brain_mri_3d", help="brain_mri_3d (default) or chest_xray_2d")
-    demo.add_argument("--max-epochs", type=int, default=None, help="epochs of every training stage")
-    demo.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///OUT/mlruns.db)")
-    demo.add_argument("--experiment", default=None, help="MLflow experiment (default: the bundle's name)")
-    demo.add_argument(
-        "--until", default=None, choices=["teacher", "distill", "prune", "saliency", "explain"], help="stop after it"
+    run = commands.add_parser(
+        "run",
+        help="the main job on your own datalist (NIfTI images with labels and lesion masks; gaze heatmaps optional)",
     )
-    demo.add_argument("--restart", action="store_true", help="start over instead of resuming a run in --out")
-    demo.add_argument(
-        "--time-budget",
-        type=float,
-        default=None,
-        help="seconds for the whole job, shared among the stages (default: 540, so it ends within 10 minutes on 2 "
-        "CPU cores; none with --quick)",
-    )
+    run.add_argument("--datalist", required=True, help="MONAI datalist JSON with training/validation/test sections")
+    run.add_argument("--bundle", default=None, help="the bundle whose configs run (default: by the data's 2D/3D)")
+    for job in (demo, run):
+        job.add_argument("--out", default="runs/demo" if job is demo else "runs/main", help="output folder (data, "
+                         "checkpoints, report, MLflow store)")  # fmt: skip
+        job.add_argument("--quick", action="store_true", help="one epoch per stage (smoke test; demo: tiny data)")
+        job.add_argument("--max-epochs", type=int, default=None, help="epoch cap of every training stage")
+        job.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///OUT/mlruns.db)")
+        job.add_argument("--experiment", default=None, help="MLflow experiment (default: the bundle's name)")
+        stages = ["teacher", "distill", "prune", "saliency", "explain"]
+        job.add_argument("--until", default=None, choices=stages, help="stop after it")
+        job.add_argument("--restart", action="store_true", help="start over instead of resuming a run in --out")
+        job.add_argument(
+            "--time-budget",
+            type=float,
+            default=None,
+            help="seconds for the whole job, shared among the stages (default: 540, so the demo ends within 10 "
+            "minutes on 2 CPU cores; none with --quick)",
+        )
 
     compare = commands.add_parser(
         "compare-explanations",
@@ -144,6 +153,7 @@ def _demo(args: argparse.Namespace) -> int:
     pipeline = Pipeline(
         args.out,
         bundle=args.bundle,
+        datalist=getattr(args, "datalist", None),
         quick=args.quick,
         tracking_uri=args.tracking_uri,
         experiment_name=args.experiment,
@@ -270,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "make-dataset": _make_dataset,
         "demo": _demo,
+        "run": _demo,
         "compare-explanations": _compare_explanations,
         "bundle": _bundle,
     }

@@ -150,7 +150,8 @@ def datalist_preview(
     """:func:`dataset_preview` of a dataset on disk, read back from its NIfTI files.
 
     Args:
-        datalist: a datalist JSON written by :func:`monai_kdx.data.write_dataset`.
+        datalist: a datalist JSON (e.g. written by :func:`monai_kdx.data.write_dataset`); ``mask`` and ``gaze``
+            are drawn where its entries have them.
         path: where to save the PNG (optional).
         section: the datalist section to draw from.
         per_class: samples shown for each class.
@@ -168,7 +169,12 @@ def datalist_preview(
         if counts.get(label, 0) >= per_class:
             continue
         counts[label] = counts.get(label, 0) + 1
-        arrays = {key: np.asarray(nib.load(entry[key]).dataobj) for key in ("image", "mask", "gaze")}
+        image = np.asarray(nib.load(entry["image"]).dataobj)
+        arrays = {  # a datalist without masks or gaze heatmaps (a user's): nothing drawn for them
+            key: np.asarray(nib.load(entry[key]).dataobj) if isinstance(entry.get(key), str) else np.zeros_like(image)
+            for key in ("mask", "gaze")
+        }
+        arrays["image"] = image
         samples.append(SimpleNamespace(**arrays, label=label, class_name=entry.get("class_name", label), index=index))
     return dataset_preview(samples, path, per_class)
 

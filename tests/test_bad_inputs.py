@@ -3,6 +3,7 @@ read from a file chooses code to run."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -327,6 +328,23 @@ def test_a_good_datalist_is_summarized(small_datalist):
     assert summary.num_classes == 3 and summary.spatial_dims == 2 and summary.in_channels == 1
     assert summary.spatial_shapes == [(32, 32)] and {"mask", "gaze"} <= set(summary.keys)
     assert sum(summary.counts.values()) == 12
+
+
+def test_a_class_missing_from_validation_is_a_warning_in_the_report(small_datalist, tmp_path):
+    from monai_kdx.apps.pipeline import data_notes
+
+    good = data_notes(small_datalist)
+    assert good.startswith("Data: ") and "3 classes, 2D" in good and "warning" not in good
+    for section in ("training", "validation", "test"):
+        assert f"{section} " in good
+
+    def drop_class_two(content):
+        content["validation"] = [entry for entry in content["validation"] if entry["label"] != 2]
+
+    content = json.loads(Path(small_datalist).read_text())
+    assert any(entry["label"] == 2 for entry in content["validation"])  # the edit below really removes a class
+    notes = data_notes(_edited(small_datalist, tmp_path, drop_class_two)).splitlines()
+    assert notes[1:] == ["- **warning**: the validation section has no sample of class(es) [2]."]
 
 
 @pytest.mark.parametrize(

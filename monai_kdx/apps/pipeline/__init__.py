@@ -24,7 +24,7 @@ from .bundles import (
 from .runner import STAGE_FUNCTIONS, Pipeline, PipelineResult, check_checkpoint, run_pipeline
 from .stages import MODELS, STAGES, ModelEntry
 from .state import FolderInUseError, OutputLock
-from .summary import summary_markdown, write_summary
+from .summary import data_notes, summary_markdown, write_summary
 
 __all__ = [
     "BUNDLES_DIR",
@@ -45,6 +45,7 @@ __all__ = [
     "export_bundle",
     "run_bundle",
     "run_pipeline",
+    "data_notes",
     "summary_markdown",
     "write_summary",
 ]

@@ -35,9 +35,18 @@ from .budget import estimate_epoch_seconds
 from .bundles import QUICK_OVERRIDES, StageResult, bundle_parser, bundle_path, run_bundle
 from .stages import MODELS, STAGES, ModelEntry, model, stage_inputs, stage_outputs
 from .state import OutputLock, changed_files, digests, dump_json
-from .summary import write_summary
+from .summary import data_notes, write_summary
 
-__all__ = ["Pipeline", "PipelineResult", "check_checkpoint", "run_pipeline", "STAGE_FUNCTIONS"]
+__all__ = [
+    "Pipeline",
+    "PipelineResult",
+    "BUNDLE_FOR_DIMS",
+    "check_checkpoint",
+    "check_main_job_datalist",
+    "datalist_overrides",
+    "run_pipeline",
+    "STAGE_FUNCTIONS",
+]
 
 STATE_FILE = "pipeline.json"
 STATE_VERSION = 3
@@ -61,6 +70,60 @@ DEFAULT_TIME_BUDGET = 540.0
 BUDGET_SHARES = {"teacher": 0.36, "distill": 0.22, "prune": 0.08, "saliency": 0.09, "explain": 0.25}
 """How the time left is shared among the stages left (the explain stage's share is what it is expected to take:
 it is not cut short); a stage that stops early on a plateau leaves its time to the next ones."""
+
+
+BUNDLE_FOR_DIMS = {3: "brain_mri_3d", 2: "chest_xray_2d"}
+"""The bundle whose configs run a user's datalist, by the images' spatial dimensions."""
+
+
+def check_main_job_datalist(datalist: str | os.PathLike, bundle: str | None = None) -> Any:
+    """Check a user's datalist for the main job before any work, beyond :func:`monai_kdx.data.check_datalist`:
+    one image shape (the bundles batch the images as they are), a lesion mask in every entry (the explanations are
+    chosen and scored against them) and a bundle of the data's dimensionality.
+
+    Returns:
+        The :class:`monai_kdx.data.DatalistSummary`.
+
+    Raises:
+        monai_kdx.data.DatalistError: one line naming the datalist and the problem (the entry, where there is one).
+    """
+    from monai_kdx.data import DatalistError, check_datalist
+
+    summary = check_datalist(
+        datalist, sections=("training", "validation", "test"), required=("training", "validation", "test")
+    )
+    where = f"datalist {summary.path!r}"
+    if len(summary.spatial_shapes) > 1:
+        raise DatalistError(
+            f"{where}: images of {len(summary.spatial_shapes)} spatial shapes {summary.spatial_shapes[:3]}: the main "
+            "job batches them as they are; resample them to one shape first."
+        )
+    with open(summary.path) as stream:
+        content = json.load(stream)
+    for section in ("training", "validation", "test"):
+        for index, entry in enumerate(content[section]):
+            if not isinstance(entry.get("mask"), str):
+                raise DatalistError(
+                    f"{where}: {section} entry {index} ({entry.get('image')!r}) has no lesion mask ('mask'): the main "
+                    "job chooses and scores the explanations against the masks."
+                )
+    if bundle is not None and bundle in BUNDLE_FOR_DIMS.values() and BUNDLE_FOR_DIMS[summary.spatial_dims] != bundle:
+        raise DatalistError(
+            f"{where}: its images are {summary.spatial_dims}D, the bundle {bundle!r} is for "
+            f"{5 - summary.spatial_dims}D data; use --bundle {BUNDLE_FOR_DIMS[summary.spatial_dims]} (or leave it out)."
+        )
+    return summary
+
+
+def datalist_overrides(summary: Any) -> dict[str, Any]:
+    """The bundle overrides that run a checked datalist (:class:`monai_kdx.data.DatalistSummary`): the file, the
+    number of classes and, for images of several channels, the networks' input channels."""
+    overrides: dict[str, Any] = {"datalist": summary.path, "num_classes": summary.num_classes}
+    if summary.in_channels != 1:
+        overrides.update(
+            {"teacher_def#in_channels": summary.in_channels, "student_def#in_channels": summary.in_channels}
+        )
+    return overrides
 
 
 def check_checkpoint(path: str, stage: str, description: str) -> None:
@@ -100,8 +163,14 @@ class Pipeline:
     Args:
         output_dir: data, checkpoints, explanations, the report, ``pipeline.json`` and (by default) the
             MLflow store and its artifacts go here.
-        bundle: the bundle shipped with the package (``"brain_mri_3d"`` or ``"chest_xray_2d"``).
+        bundle: the bundle shipped with the package (``"brain_mri_3d"`` or ``"chest_xray_2d"``); default the
+            3D one, or with ``datalist`` the one of the data's dimensionality (:data:`BUNDLE_FOR_DIMS`).
         quick: tiny data and one epoch per training stage (tests, smoke runs).
+        datalist: a MONAI datalist JSON of your own (``training``/``validation``/``test`` sections of
+            ``{"image", "label", "mask"[, "gaze"]}`` entries, paths relative to its folder) to run on instead of
+            the bundle's generated dataset. Checked before any work (:func:`monai_kdx.data.check_datalist`): the
+            classes, the dimensionality and the channels are read from it. The lesion masks choose and score the
+            explanations and, without gaze heatmaps, guide the saliency stage.
         tracking_uri: MLflow tracking URI; default ``sqlite:///<output_dir>/mlruns.db``. Checked before any
             work (an unreachable server fails at once).
         experiment_name: the MLflow experiment; default the bundle's name.
@@ -114,19 +183,33 @@ class Pipeline:
     Raises:
         ValueError: ``output_dir`` holds a pipeline started with other settings (and ``restart`` is false), or a
             time budget that is not positive.
+        monai_kdx.data.DatalistError: a bad ``datalist`` entry (one line naming the section, the entry and the
+            file), images of several shapes, no lesion masks, or a ``bundle`` of another dimensionality.
     """
 
     def __init__(
         self,
         output_dir: str | os.PathLike = "runs/demo",
-        bundle: str = "brain_mri_3d",
+        bundle: str | None = None,
         quick: bool = False,
         tracking_uri: str | None = None,
         experiment_name: str | None = None,
         restart: bool = False,
         time_budget: float | None | str = "default",
+        datalist: str | os.PathLike | None = None,
         **overrides: Any,
     ) -> None:
+        self.data = None if datalist is None else check_main_job_datalist(datalist, bundle)
+        self.stage_overrides: dict[str, dict[str, Any]] = {}
+        if self.data is not None:
+            bundle = bundle or BUNDLE_FOR_DIMS[self.data.spatial_dims]
+            overrides = {**datalist_overrides(self.data), **overrides}
+            if "gaze" not in self.data.keys:  # the saliency stage pulls the maps toward the lesion masks instead
+                self.stage_overrides["saliency"] = {
+                    "saliency_target_key": "mask",
+                    "train#image_keys": ["image", "mask"],
+                }
+        bundle = bundle or "brain_mri_3d"
         bundle_path(bundle)  # an unknown bundle fails here
         if time_budget == "default":
             time_budget = None if quick else DEFAULT_TIME_BUDGET
@@ -199,6 +282,7 @@ class Pipeline:
             **(QUICK_OVERRIDES if self.quick else {}),
             **(QUICK_STAGE_OVERRIDES if self.quick else STAGE_OVERRIDES).get(stage, {}),
             **self.overrides,
+            **self.stage_overrides.get(stage, {}),
         }
 
     def stage_budget(self, stage: str) -> float | None:
@@ -480,6 +564,13 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
         gaze=_test_gaze(pipeline),
         title=f"monai_kdx pipeline report: {pipeline.bundle}",
         notes=_choice_text(choice)
+        + "\n\n"
+        + data_notes(pipeline.parser(model("teacher").configs).get_parsed_content("datalist"))
+        + (
+            "\n\nThe saliency-guided student was pulled toward the lesion masks: the datalist has no gaze heatmaps."
+            if "saliency" in pipeline.stage_overrides
+            else ""
+        )
         + f"\n\nMLflow: `{pipeline.tracking_uri}`, experiment `{pipeline.experiment_name}`, parent run "
         f"`{pipeline.state['parent_run_id']}`.",
         method=choice["method"],

@@ -28,7 +28,7 @@ from monai_kdx.reporting import bar_panels, format_cell, markdown_table, write_j
 from monai_kdx.transforms import HierarchicalExplanationd
 from monai_kdx.visualize import draw_overlay, save_figure, subplots
 
-__all__ = ["COLUMNS", "RANDOM_ROW", "agreement_matrix", "summary_markdown", "write_summary"]
+__all__ = ["COLUMNS", "RANDOM_ROW", "agreement_matrix", "data_notes", "summary_markdown", "write_summary"]
 
 RANDOM_ROW = "random map"
 """The row of a uniform random map: the chance level of the localization and faithfulness scores."""
@@ -123,6 +123,29 @@ def agreement_matrix(folders: Mapping[str, str]) -> dict[tuple[str, str], list[f
                 continue
             matrix[(a, b)] = [float(explanation_agreement(load(files[a][k]), load(files[b][k]))[0]) for k in common]
     return matrix
+
+
+def data_notes(datalist: str | os.PathLike) -> str:
+    """The report's account of the data: cases and classes per section, and a warning line for each problem that
+    does not stop training (a class with no case in the validation or test split: its accuracy is not measured).
+
+    Args:
+        datalist: the datalist JSON the models were trained and tested on (checked by
+            :func:`monai_kdx.data.check_datalist`, headers only).
+
+    Returns:
+        Markdown: one line on the data, then one ``- **warning**: ...`` line per warning.
+    """
+    from monai_kdx.data import check_datalist
+
+    summary = check_datalist(datalist, load=False)
+    sections = "; ".join(
+        f"{section} {summary.counts[section]} (per class {summary.class_counts.get(section, [])})"
+        for section in summary.counts
+    )
+    lines = [f"Data: `{summary.path}`, {summary.num_classes} classes, {summary.spatial_dims}D: {sections}."]
+    lines += [f"- **warning**: {warning}." for warning in summary.warnings]
+    return "\n".join(lines)
 
 
 def _hierarchy_figure(

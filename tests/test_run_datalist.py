@@ -1,0 +1,114 @@
+"""`monai-kdx run --datalist`: the main job on a datalist it has never seen (its own nested folder layout, other file
+names, no gaze), through the real CLI, in 3D and 2D; bad datalists refused in one line before any work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from monai_kdx.cli import main
+from monai_kdx.data import write_dataset
+from monai_kdx.data.synthetic import class_names
+
+SPLITS = {3: (0.45, 0.15, 0.4), 2: (0.7, 0.15, 0.15)}  # the bundles' own split fractions
+KINDS = {3: "brain-mri-3d", 2: "chest-xray-2d"}
+
+
+def _own_layout(tmp_path: Path, dims: int, n: int = 16) -> Path:
+    """A generated dataset rewritten as a user would hold it: patients/<site>/<id>/scan.nii.gz + lesion.nii.gz,
+    every scan named alike, no gaze, the datalist elsewhere than the data."""
+    source = write_dataset(
+        tmp_path / "generated", kind=KINDS[dims], n=n, seed=0, progress=False, split_fractions=SPLITS[dims],
+        spatial_size=32,
+    )  # fmt: skip
+    content = json.loads(source.read_text())
+    root = tmp_path / "hospital"
+    datalist: dict[str, list[dict]] = {}
+    for section in ("training", "validation", "test"):
+        datalist[section] = []
+        for index, entry in enumerate(content[section]):
+            case = root / "patients" / f"site{index % 2}" / f"{section[:3]}{index:03d}"
+            case.mkdir(parents=True)
+            shutil.copy(source.parent / entry["image"], case / "scan.nii.gz")
+            shutil.copy(source.parent / entry["mask"], case / "lesion.nii.gz")
+            relative = case.relative_to(root)
+            datalist[section].append(
+                {"image": f"{relative}/scan.nii.gz", "mask": f"{relative}/lesion.nii.gz", "label": entry["label"]}
+            )
+    shutil.rmtree(tmp_path / "generated")
+    path = root / "my_datalist.json"
+    path.write_text(json.dumps(datalist, indent=1))
+    return path
+
+
+def _cli(*arguments: str, env, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "monai_kdx.cli", *arguments], capture_output=True, text=True, env=env, cwd=cwd,
+        timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dims", [3, 2])
+def test_run_on_a_users_datalist_gives_the_demos_stages_report_and_runs(tmp_path, subprocess_env, dims):
+    datalist = _own_layout(tmp_path, dims)
+    out = tmp_path / "out"
+    done = _cli("run", "--datalist", str(datalist), "--quick", "--out", str(out), env=subprocess_env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    bundle = "brain_mri_3d" if dims == 3 else "chest_xray_2d"  # chosen by the data's dimensionality
+    state = json.loads((out / "pipeline.json").read_text())
+    assert list(state["stages"]) == ["teacher", "distill", "prune", "saliency", "explain"]
+    assert state["settings"]["bundle"] == bundle
+    assert not (out / "data").exists()  # nothing generated: the user's files were read
+
+    report = (out / "report" / "report.md").read_text()
+    for row in ("| teacher |", "| student |", "| pruned |", "| saliency |", "| random map |"):
+        assert row in report
+    assert f"Data: `{datalist}`, {len(class_names(KINDS[dims]))} classes, {dims}D" in report
+    assert "pulled toward the lesion masks" in report
+    rows = json.loads((out / "report" / "summary.json").read_text())["rows"]
+    assert all(row.get("gaze_kl") is None for row in rows)  # no gaze in the datalist: not scored
+    # outputs named after each case's folder: the scans all share one file name and none overwrote another
+    test_cases = json.loads(datalist.read_text())["test"]
+    cams = [p.name for p in (out / "explanations" / "student").rglob("*.nii.gz") if "cam" in p.name]
+    assert len(cams) == len(test_cases)
+    for case in test_cases:
+        assert sum(Path(case["image"]).parent.name in name for name in cams) == 1, (case, cams)
+
+    client = MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name(bundle)
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    assert {"pipeline", "teacher", "distill", "prune", "saliency", "explain"} <= set(runs)
+    assert all(runs[name].info.status == "FINISHED" for name in ("pipeline", "saliency", "explain"))
+    assert runs["pipeline"].data.params["datalist"] == str(datalist)
+    assert runs["pipeline"].data.params["num_classes"] == str(len(class_names(KINDS[dims])))
+    assert runs["saliency"].data.params["saliency_target"] == "mask"  # guided toward the masks: no gaze
+
+
+def test_bad_datalists_are_refused_in_one_line_before_any_work(tmp_path, capsys):
+    datalist = _own_layout(tmp_path, 2, n=12)
+    content = json.loads(datalist.read_text())
+    out = tmp_path / "out"
+
+    def refused(edit, words: str, *extra: str) -> None:
+        edited = json.loads(json.dumps(content))
+        edit(edited)
+        path = datalist.parent / "edited.json"
+        path.write_text(json.dumps(edited))
+        assert main(["run", "--datalist", str(path), "--out", str(out), *extra]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and words in error[0], error
+        assert not out.exists()
+
+    refused(lambda c: c["test"][0].pop("mask"), "test entry 0 ('patients/site0/tes000/scan.nii.gz') has no lesion mask")
+    refused(lambda c: c["training"][0].update(label=7.5), "training entry 0")
+    refused(lambda c: c["validation"][0].update(image="patients/nowhere/scan.nii.gz"), "validation entry 0")
+    refused(lambda c: None, "its images are 2D, the bundle 'brain_mri_3d' is for 3D data", "--bundle", "brain_mri_3d")
+    refused(lambda c: c.pop("test"), "the 'test' section is missing or empty")
