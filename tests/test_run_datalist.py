@@ -55,14 +55,33 @@ def _cli(*arguments: str, env, cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dims", [3, 2])
-def test_run_on_a_users_datalist_gives_the_demos_stages_report_and_runs(tmp_path, subprocess_env, dims):
+def test_run_on_a_users_3d_datalist_picks_the_3d_bundle_and_trains_on_its_files(tmp_path, subprocess_env):
+    """3D up to the teacher (the stages after it run the same code as in 2D, below)."""
+    datalist = _own_layout(tmp_path, 3)
+    out = tmp_path / "out"
+    arguments = ("run", "--datalist", str(datalist), "--quick", "--out", str(out), "--until", "teacher")
+    done = _cli(*arguments, env=subprocess_env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    state = json.loads((out / "pipeline.json").read_text())
+    assert list(state["stages"]) == ["teacher"] and state["settings"]["bundle"] == "brain_mri_3d"
+    assert state["stages"]["teacher"]["metrics"]["test_accuracy"] >= 0.0
+    assert not (out / "data").exists()  # nothing generated: the user's files were read
+    client = MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
+    (pipeline,) = client.search_runs(
+        [client.get_experiment_by_name("brain_mri_3d").experiment_id], "attributes.run_name = 'pipeline'"
+    )
+    assert pipeline.data.params["datalist"] == str(datalist) and pipeline.data.params["num_classes"] == "4"
+
+
+@pytest.mark.slow
+def test_run_on_a_users_datalist_gives_the_demos_stages_report_and_runs(tmp_path, subprocess_env):
+    dims = 2
     datalist = _own_layout(tmp_path, dims)
     out = tmp_path / "out"
     done = _cli("run", "--datalist", str(datalist), "--quick", "--out", str(out), env=subprocess_env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    bundle = "brain_mri_3d" if dims == 3 else "chest_xray_2d"  # chosen by the data's dimensionality
+    bundle = "chest_xray_2d"  # chosen by the data's dimensionality
     state = json.loads((out / "pipeline.json").read_text())
     assert list(state["stages"]) == ["teacher", "distill", "prune", "saliency", "explain"]
     assert state["settings"]["bundle"] == bundle
