@@ -56,6 +56,30 @@ def _data(spatial_dims: int, n: int = 4) -> list[dict[str, torch.Tensor]]:
     ]
 
 
+def _trainer(network, handlers, spatial_dims: int = 2, max_epochs: int = 1) -> SupervisedTrainer:
+    """A small MONAI trainer of ``network`` on :func:`_data` with ``handlers``."""
+    return SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=max_epochs,
+        train_data_loader=_data(spatial_dims),
+        network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.1),
+        loss_function=torch.nn.CrossEntropyLoss(),
+        train_handlers=handlers,
+        decollate=False,
+    )
+
+
+def _run_handler(uri: str) -> MLflowRunHandler:
+    return MLflowRunHandler(
+        tracking_uri=uri,
+        experiment_name="exp",
+        run_name="train",
+        output_transform=lambda output: output["loss"].item(),
+        close_on_complete=True,
+    )
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("logger_first", [True, False])
 def test_model_logger_writes_into_the_mlflow_handlers_run_and_registers(tmp_path, spatial_dims, logger_first):
@@ -63,24 +87,9 @@ def test_model_logger_writes_into_the_mlflow_handlers_run_and_registers(tmp_path
     torch.manual_seed(0)
     network = ShallowCNN(spatial_dims, 1, 3, channels=(4, 8, 8))
     checkpoint = tmp_path / "model.pt"
-    handler = MLflowRunHandler(
-        tracking_uri=uri,
-        experiment_name="exp",
-        run_name="train",
-        output_transform=lambda output: output["loss"].item(),
-        close_on_complete=True,
-    )
+    handler = _run_handler(uri)
     logger = MLflowModelLogger(checkpoint, builder=_builder(spatial_dims), registered_model_name="tiny")
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=2,
-        train_data_loader=_data(spatial_dims),
-        network=network,
-        optimizer=torch.optim.SGD(network.parameters(), lr=0.1),
-        loss_function=torch.nn.CrossEntropyLoss(),
-        train_handlers=[logger, handler] if logger_first else [handler, logger],
-        decollate=False,
-    )
+    trainer = _trainer(network, [logger, handler] if logger_first else [handler, logger], spatial_dims, max_epochs=2)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: torch.save({"model": network.state_dict()}, checkpoint))
     trainer.run()
 
@@ -105,24 +114,8 @@ def test_model_logger_refuses_a_stale_file_an_earlier_run_left(tmp_path):
     stale = tmp_path / "model.pt"
     torch.save({"model": network.state_dict()}, stale)
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
-    handler = MLflowRunHandler(
-        tracking_uri=uri,
-        experiment_name="exp",
-        run_name="train",
-        output_transform=lambda output: output["loss"].item(),
-        close_on_complete=True,
-    )
     logger = MLflowModelLogger(stale, builder=_builder(2), registered_model_name="tiny")
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=1,
-        train_data_loader=_data(2),
-        network=network,
-        optimizer=torch.optim.SGD(network.parameters(), lr=0.1),
-        loss_function=torch.nn.CrossEntropyLoss(),
-        train_handlers=[handler, logger],
-        decollate=False,
-    )
+    trainer = _trainer(network, [_run_handler(uri), logger])
     with pytest.raises(FileNotFoundError, match=r"model\.pt was not written by this run \(last written"):
         trainer.run()
     assert logger.logged is None
@@ -135,16 +128,7 @@ def test_model_logger_refuses_a_stale_file_an_earlier_run_left(tmp_path):
 def test_model_logger_without_mlflow_handler_fails_before_training(tmp_path):
     network = ShallowCNN(2, 1, 3, channels=(4, 8))
     iterations = []
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=1,
-        train_data_loader=_data(2),
-        network=network,
-        optimizer=torch.optim.SGD(network.parameters(), lr=0.1),
-        loss_function=torch.nn.CrossEntropyLoss(),
-        train_handlers=[MLflowModelLogger(tmp_path / "model.pt", builder=_builder(2))],
-        decollate=False,
-    )
+    trainer = _trainer(network, [MLflowModelLogger(tmp_path / "model.pt", builder=_builder(2))])
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: iterations.append(1))
     with pytest.raises(RuntimeError, match="MLflowRunHandler attached to the same engine"):
         trainer.run()
