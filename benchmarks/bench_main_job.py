@@ -74,7 +74,7 @@ def _run_pipeline(out: Path, bundle: str, overrides: dict[str, Any], quick: bool
 
 def _convergence_gap(out: Path, bundle: str, overrides: dict[str, Any], quick: bool) -> dict[str, Any]:
     """The teacher of the finished job against the same teacher trained with three times its stage's budget."""
-    from monai_kdx.apps.pipeline import run_bundle
+    from monai_kdx.apps.pipeline import QUICK_OVERRIDES, run_bundle
 
     state = json.loads((out / "pipeline.json").read_text())
     teacher = state["stages"]["teacher"]
@@ -82,7 +82,7 @@ def _convergence_gap(out: Path, bundle: str, overrides: dict[str, Any], quick: b
     settings = {
         "output_dir": str(out / "longer"),
         "dataset_dir": str(out / "data" / bundle),
-        **({"n_samples": 16, "spatial_size": 32, "max_epochs": 1, "patience": 1, "batch_size": 4} if quick else {}),
+        **(QUICK_OVERRIDES if quick else {}),
         **overrides,
         "time_budget": 3 * budget if budget else None,
         "max_epochs": 1 if quick else 180,  # three times the cap too
@@ -97,12 +97,11 @@ def _convergence_gap(out: Path, bundle: str, overrides: dict[str, Any], quick: b
 def _pruned_latency_ratio(out: Path, dims: int) -> float:
     import torch
 
-    from monai_kdx.networks import latency_ms, load_network
+    from monai_kdx.networks import latency_ms, load_network, network_spec
     from monai_kdx.pruning import load_pruned
 
     pruned = load_pruned(out / "pruned" / "model_pruned.pt")
-    spec = pruned.__dict__.get("_monai_kdx_network_spec")
-    student = load_network(spec, str(out / "student" / "model.pt"))
+    student = load_network(network_spec(pruned), str(out / "student" / "model.pt"))  # the unpruned architecture
     example = torch.randn(1, 1, *([64] * 3 if dims == 3 else [256] * 2))
     with one_torch_thread():
         return latency_ms(pruned, example, repeats=7) / latency_ms(student, example, repeats=7)

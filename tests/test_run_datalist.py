@@ -126,7 +126,8 @@ def test_bad_datalists_are_refused_in_one_line_before_any_work(tmp_path, capsys)
         assert len(error) == 1 and words in error[0], error
         assert not out.exists()
 
-    refused(lambda c: c["test"][0].pop("mask"), "test entry 0 ('patients/site0/tes000/scan.nii.gz') has no lesion mask")
+    no_mask = "test entry 0 (patients/site0/tes000/scan.nii.gz): has no 'mask' (a lesion mask"
+    refused(lambda c: c["test"][0].pop("mask"), no_mask)
     refused(lambda c: c["training"][0].update(label=7.5), "training entry 0")
     refused(lambda c: c["validation"][0].update(image="patients/nowhere/scan.nii.gz"), "validation entry 0")
     refused(lambda c: None, "its images are 2D, the bundle 'brain_mri_3d' is for 3D data", "--bundle", "brain_mri_3d")

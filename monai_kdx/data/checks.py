@@ -105,6 +105,7 @@ def check_datalist(
     spatial_dims: int | None = None,
     in_channels: int | None = None,
     load: bool = True,
+    required_keys: Mapping[str, str] | None = None,
 ) -> DatalistSummary:
     """Check a datalist before any training; see the module docs.
 
@@ -116,6 +117,8 @@ def check_datalist(
         spatial_dims: every image must have this many spatial dimensions; None: read from the first image.
         in_channels: every image must have this many channels; None: read from the first image.
         load: read every file completely (catches truncated files) instead of its header only.
+        required_keys: map keys (``mask``, ``gaze``, ``anatomy``, ``marker``) every entry of the checked sections
+            must have, each with what it is needed for (said in the error).
 
     Returns:
         A :class:`DatalistSummary`.
@@ -186,6 +189,9 @@ def check_datalist(
                 )
             labels[section].append(label)
             present = {key for key in _MAP_KEYS if isinstance(raw.get(key), str)}
+            for key, purpose in (required_keys or {}).items():
+                if key not in present:
+                    raise DatalistError(f"{where}: has no {key!r} ({purpose}).")
             for key in sorted(present):
                 try:
                     map_shape = read_image_shape(entry[key], load)

@@ -89,24 +89,15 @@ def check_main_job_datalist(datalist: str | os.PathLike, bundle: str | None = No
     """
     from monai_kdx.data import DatalistError, check_datalist
 
-    summary = check_datalist(
-        datalist, sections=("training", "validation", "test"), required=("training", "validation", "test")
-    )
+    sections = ("training", "validation", "test")
+    needed = {"mask": "a lesion mask: the main job chooses and scores the explanations against the masks"}
+    summary = check_datalist(datalist, sections=sections, required=sections, required_keys=needed)
     where = f"datalist {summary.path!r}"
     if len(summary.spatial_shapes) > 1:
         raise DatalistError(
             f"{where}: images of {len(summary.spatial_shapes)} spatial shapes {summary.spatial_shapes[:3]}: the main "
             "job batches them as they are; resample them to one shape first."
         )
-    with open(summary.path) as stream:
-        content = json.load(stream)
-    for section in ("training", "validation", "test"):
-        for index, entry in enumerate(content[section]):
-            if not isinstance(entry.get("mask"), str):
-                raise DatalistError(
-                    f"{where}: {section} entry {index} ({entry.get('image')!r}) has no lesion mask ('mask'): the main "
-                    "job chooses and scores the explanations against the masks."
-                )
     if bundle is not None and bundle in BUNDLE_FOR_DIMS.values() and BUNDLE_FOR_DIMS[summary.spatial_dims] != bundle:
         raise DatalistError(
             f"{where}: its images are {summary.spatial_dims}D, the bundle {bundle!r} is for "
@@ -199,16 +190,13 @@ class Pipeline:
         datalist: str | os.PathLike | None = None,
         **overrides: Any,
     ) -> None:
-        self.data = None if datalist is None else check_main_job_datalist(datalist, bundle)
+        data = None if datalist is None else check_main_job_datalist(datalist, bundle)
         self.stage_overrides: dict[str, dict[str, Any]] = {}
-        if self.data is not None:
-            bundle = bundle or BUNDLE_FOR_DIMS[self.data.spatial_dims]
-            overrides = {**datalist_overrides(self.data), **overrides}
-            if "gaze" not in self.data.keys:  # the saliency stage pulls the maps toward the lesion masks instead
-                self.stage_overrides["saliency"] = {
-                    "saliency_target_key": "mask",
-                    "train#image_keys": ["image", "mask"],
-                }
+        if data is not None:
+            bundle = bundle or BUNDLE_FOR_DIMS[data.spatial_dims]
+            overrides = {**datalist_overrides(data), **overrides}
+            if "gaze" not in data.keys:  # the saliency stage pulls the maps toward the lesion masks instead
+                self.stage_overrides["saliency"] = {"saliency_target_key": "mask"}  # read with the images too
         bundle = bundle or "brain_mri_3d"
         bundle_path(bundle)  # an unknown bundle fails here
         if time_budget == "default":
