@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -56,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         stages = ["teacher", "distill", "prune", "saliency", "explain"]
         job.add_argument("--until", default=None, choices=stages, help="stop after it")
         job.add_argument("--restart", action="store_true", help="start over instead of resuming a run in --out")
+        job.add_argument(
+            "--verbose",
+            action="store_true",
+            help="MONAI/ignite logs and library warnings on the console too (default: in OUT/logs/<stage>.log)",
+        )
         job.add_argument(
             "--time-budget",
             type=float,
@@ -150,6 +156,8 @@ def _demo(args: argparse.Namespace) -> int:
     overrides = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
     if args.max_epochs is not None and args.max_epochs < 1:
         raise ValueError(f"--max-epochs must be >= 1, got {args.max_epochs}.")
+    if not args.verbose:  # MLflow's own INFO lines (database set-up) stay off the console
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     pipeline = Pipeline(
         args.out,
         bundle=args.bundle,
@@ -158,29 +166,32 @@ def _demo(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         experiment_name=args.experiment,
         restart=args.restart,
+        verbose=args.verbose,
         **({"time_budget": args.time_budget} if args.time_budget is not None else {}),
         **overrides,
     )
-    result = pipeline.run(until=args.until)
-    print()
-    print("| stage | seconds | run | metrics |")
-    print("|---|---|---|---|")
-    for stage, record in result.stages.items():
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in record["metrics"].items() if k.endswith("accuracy"))
-        print(f"| {stage} | {record['seconds']:.0f} | {record['run_id']} | {shown} |")
+    try:
+        result = pipeline.run(until=args.until)
+    except Exception as error:
+        log = pipeline.console.failed_log
+        in_stage = log is not None and log != pipeline.console.log_path("pipeline")
+        if not in_stage and isinstance(error, (ValueError, KeyError, OSError)):
+            raise  # bad input, found before any stage ran: main() prints it in one line
+        message = (str(error).strip().splitlines() or [""])[0]
+        print(f"monai-kdx {args.command}: error: {type(error).__name__}: {message} (traceback: {log})", file=sys.stderr)
+        return 1
     if result.summary:
         print()
         print(summary_markdown(result.summary))
         print()
-        for key, path in result.report.items():
-            print(f"report {key}: {path}")
+        print(f"report: {result.report['markdown']} (figures and summary.json beside it)")
     for stage in result.stages.values():
         for model in stage.get("models", []):
             print(f"registered model: {model['uri']}")
     if "teacher" in result.stages:
         print(f"teacher test accuracy: {result.stages['teacher']['metrics']['test_accuracy']:.4f}")
-    print(f"MLflow: experiment {result.experiment_name!r}, parent run {result.parent_run_id}")
-    print(f"open it with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    print(f"MLflow: experiment {result.experiment_name!r}, parent run {result.parent_run_id}; open it with:")
+    print(f"  mlflow ui --backend-store-uri {result.tracking_uri}")
     return 0
 
 

@@ -73,7 +73,7 @@ def test_brain_mri_3d_explain_writes_overlaying_heatmaps_and_logs_metrics(brain_
     tmp_path, env, uri = brain_teacher
     bundle_run("brain_mri_3d", ["train_teacher.yaml", "explain.yaml"], tmp_path, env)
     datalist = json.loads((tmp_path / "data" / "datalist.json").read_text())
-    folder = tmp_path / "runs" / "explanations"
+    folder = tmp_path / "runs" / "explanations" / "maps"
     for entry in datalist["test"]:
         stem = case_name(tmp_path / "data" / entry["image"], tmp_path / "data")  # images__case_0005
         source = nib.load(tmp_path / "data" / entry["image"])
@@ -84,22 +84,27 @@ def test_brain_mri_3d_explain_writes_overlaying_heatmaps_and_logs_metrics(brain_
         assert levels.shape[-1] == 3  # features.denseblock1..3 (denseblock4 is one voxel at 32^3: no map)
         fused_values = np.asarray(fused.dataobj)
         assert fused_values.min() >= 0 and fused_values.max() == pytest.approx(1.0)
-        assert (folder / f"{stem}_cam.png").stat().st_size > 1000
+        assert (folder.parent / "figures" / f"{stem}_cam.png").stat().st_size > 1000
     summary = run_summary(uri, latest_run(uri, "brain_mri_3d", "explain"))
     metrics = summary["metrics"]
-    assert {"test_accuracy", "pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"} <= set(metrics)
+    assert {"explained_accuracy", "pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"} <= set(metrics)
+    assert "max_epochs" not in summary["params"] and "test_accuracy" not in metrics  # an evaluator; explained cases
     assert 0 <= metrics["pointing_game"] <= 1 and 0 <= metrics["deletion_auc"] <= 1
     assert summary["params"]["explanation_method"] == "layercam"
-    assert len([a for a in summary["artifacts"] if a.endswith("_cam.nii.gz")]) == len(datalist["test"])
+    # in MLflow as on disk: maps/, figures/ and the case table
+    assert len([a for a in summary["artifacts"] if a.startswith("maps/") and a.endswith("_cam.nii.gz")]) == len(
+        datalist["test"]
+    )
+    assert len([a for a in summary["artifacts"] if a.startswith("figures/")]) == len(datalist["test"])
     # a random map beside the map; one row per case, whose means are the logged metrics
     assert {"random_pointing_game", "random_deletion_auc", "random_insertion_auc"} <= set(metrics)
     from monai_kdx.handlers import read_case_table
 
-    rows = read_case_table(str(folder / "cases.csv"))
+    rows = read_case_table(str(folder.parent / "cases.csv"))
     assert len(rows) == len(datalist["test"]) and "cases.csv" in summary["artifacts"]
     hits = [row["cam_pointing_game"] for row in rows if not np.isnan(row["cam_pointing_game"])]
     assert metrics["pointing_game"] == pytest.approx(np.mean(hits))
-    assert metrics["test_accuracy"] == pytest.approx(np.mean([row["correct"] for row in rows]))
+    assert metrics["explained_accuracy"] == pytest.approx(np.mean([row["correct"] for row in rows]))
     lesion_free = [row for row in rows if row["label"] == 0]  # class 0: no tumour, nothing to point at
     assert all(np.isnan(row["cam_pointing_game"]) for row in lesion_free)
 

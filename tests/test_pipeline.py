@@ -45,6 +45,12 @@ def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_en
     first = _cli("demo", "--quick", "--out", str(out), "--until", "distill", env=subprocess_env, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert "registered model: models:/brain_mri_3d_student/1" in first.stdout
+    # a console a person reads: stage lines and the results; MONAI's logs and warnings in the stages' log files
+    console = first.stdout + first.stderr
+    assert len(console.splitlines()) < 30 and " - INFO - " not in console and "Warning" not in console, console
+    assert "teacher: done in" in first.stdout and "distill: done in" in first.stdout
+    assert "SupervisedTrainer - INFO" in (out / "logs" / "teacher.log").read_text()
+    assert "DistillationTrainer - INFO" in (out / "logs" / "distill.log").read_text()
     state = json.loads((out / "pipeline.json").read_text())
     assert list(state["stages"]) == ["teacher", "distill"]
     kept = {p: os.stat(out / p).st_mtime_ns for p in ("models/model.pt", "student/model.pt", "dataset_preview.png")}
@@ -60,6 +66,7 @@ def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_en
     with pytest.raises(RuntimeError, match="simulated crash"):
         Pipeline(out, quick=True).run()
     monkeypatch.setitem(runner.STAGE_FUNCTIONS, "prune", original)
+    assert "RuntimeError: simulated crash" in (out / "logs" / "prune.log").read_text()  # the traceback is logged
     assert list(json.loads((out / "pipeline.json").read_text())["stages"]) == ["teacher", "distill"]
 
     # 3. the CLI resumes: teacher and distill are not redone, prune runs again, everything completes
@@ -90,23 +97,36 @@ def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_en
     assert {"model.pt", "dataset_preview.png", "test_predictions.csv"} <= set(teacher["artifacts"])
     assert {"train_accuracy", "val_accuracy", "test_accuracy"} <= set(teacher["metrics"])
     distill = run_summary(uri, children["distill"])
-    assert {"student_model/MLmodel", "model.pt", "test_predictions.csv"} <= set(distill["artifacts"])
+    assert {"model.pt", "test_predictions.csv"} <= set(distill["artifacts"])
     assert {"train_kd", "train_attention", "test_accuracy"} <= set(distill["metrics"])
+    # every model an MLflow logged model of its run, with a signature and an input example, registered
+    for run, name in ((teacher, "teacher"), (distill, "student")):
+        logged = run["models"][f"{name}_model"]
+        assert {"MLmodel", "input_example.json"} <= set(logged["artifacts"]) and logged["tags"]["role"] == name
     prune = run_summary(uri, children["prune"])
-    assert {"pruned_model/MLmodel", "model_pruned.pt", "model_pruned_report.json"} <= set(prune["artifacts"])
+    assert {"model_pruned.pt", "model_pruned_report.json"} <= set(prune["artifacts"])
+    assert "MLmodel" in prune["models"]["pruned_model"]["artifacts"]
     report = json.loads((out / "pruned" / "model_pruned_report.json").read_text())
     assert report["method"] == "lrp" and report["steps"][0]["accepted"] and report["widths"]
     assert prune["metrics"]["prune_params"] < prune["metrics"]["prune_params_before"]
     explained = run_summary(uri, _runs_named(uri, "explain_pruned")[0])
     assert any(a.endswith("_cam.nii.gz") for a in explained["artifacts"])
     # outputs are named after the cases' paths in the dataset folder
-    names = set(os.listdir(out / "explanations" / "pruned"))
+    names = set(os.listdir(out / "explanations" / "pruned" / "maps"))
     case = next(name[: -len("_cam.nii.gz")] for name in names if name.endswith("_cam.nii.gz"))
-    assert case.startswith("images__case_") and {f"{case}_cam.png", f"{case}_levels.nii.gz"} <= names
+    assert case.startswith("images__case_") and f"{case}_levels.nii.gz" in names
+    assert f"figures/{case}_cam.png" in explained["artifacts"] and f"maps/{case}_cam.nii.gz" in explained["artifacts"]
     assert {"pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"} <= set(explained["metrics"])
     parent_summary = run_summary(uri, parent)
     assert {"report/report.md", "report/summary.png", "report/hierarchy.png"} <= set(parent_summary["artifacts"])
-    assert parent_summary["metrics"]["distill_test_accuracy"] == distill["metrics"]["test_accuracy"]
+    # the parent run: what defines the job, the stages' times and the four models' comparison, each under one name
+    assert parent_summary["metrics"]["student/test_accuracy"] == pytest.approx(distill["metrics"]["test_accuracy"])
+    assert {f"seconds/{stage}" for stage in runner.STAGES} <= set(parent_summary["metrics"])
+    assert not [key for key in parent_summary["metrics"] if key.startswith(("prune_", "explain_", "distill_"))]
+    params = parent_summary["params"]
+    assert params["teacher_network"] == "DenseNet121" and params["student_network"] == "ShallowCNN"
+    assert params["data"] == "generated brain-mri-3d" and params["explanation_method"] in runner.EXPLANATION_CANDIDATES
+    assert run_summary(uri, _runs_named(uri, "explain_student")[0])["params"]["network"] == "ShallowCNN"
 
     # the registered pruned student loads back (no pickled module) and predicts like the pruned file
     assert "registered model: models:/brain_mri_3d_student_pruned/1" in resumed.stdout
@@ -242,7 +262,8 @@ def test_pipeline_stages_against_a_real_mlflow_server(mlflow_server, subprocess_
     assert all(run.data.tags[PARENT_TAG] == state["parent_run_id"] for run in children.values())
     distill = run_summary(url, children["distill"])
     assert distill["metrics"]["test_accuracy"] == state["stages"]["distill"]["metrics"]["test_accuracy"]
-    assert {"model.pt", "student_model/MLmodel", "test_predictions.csv"} <= set(distill["artifacts"])
+    assert {"model.pt", "test_predictions.csv"} <= set(distill["artifacts"])
+    assert "MLmodel" in distill["models"]["student_model"]["artifacts"]
     assert distill["artifact_uri"].startswith("mlflow-artifacts:")  # stored by the server, not locally
     # the registered student, downloaded over HTTP, predicts like the best checkpoint
     model = load_classifier("models:/brain_mri_3d_student/1", url)

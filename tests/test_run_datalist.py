@@ -9,20 +9,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
+from conftest import bundle_run
 from mlflow.tracking import MlflowClient
 
 from monai_kdx.cli import main
 from monai_kdx.data import write_dataset
+from monai_kdx.data.dicom import write_dicom_series
 from monai_kdx.data.synthetic import class_names
 
 SPLITS = {3: (0.45, 0.15, 0.4), 2: (0.7, 0.15, 0.15)}  # the bundles' own split fractions
 KINDS = {3: "brain-mri-3d", 2: "chest-xray-2d"}
 
 
-def _own_layout(tmp_path: Path, dims: int, n: int = 16) -> Path:
+def _own_layout(tmp_path: Path, dims: int, n: int = 16, dicom: bool = False) -> Path:
     """A generated dataset rewritten as a user would hold it: patients/<site>/<id>/scan.nii.gz + lesion.nii.gz,
-    every scan named alike, no gaze, the datalist elsewhere than the data."""
+    every scan named alike, no gaze, the datalist elsewhere than the data; with ``dicom``, each scan a DICOM series
+    folder patients/<site>/<id>/scan/ (real DICOM files written with pydicom, the NIfTI's voxel size)."""
     source = write_dataset(
         tmp_path / "generated", kind=KINDS[dims], n=n, seed=0, progress=False, split_fractions=SPLITS[dims],
         spatial_size=32,
@@ -35,12 +40,16 @@ def _own_layout(tmp_path: Path, dims: int, n: int = 16) -> Path:
         for index, entry in enumerate(content[section]):
             case = root / "patients" / f"site{index % 2}" / f"{section[:3]}{index:03d}"
             case.mkdir(parents=True)
-            shutil.copy(source.parent / entry["image"], case / "scan.nii.gz")
             shutil.copy(source.parent / entry["mask"], case / "lesion.nii.gz")
             relative = case.relative_to(root)
-            datalist[section].append(
-                {"image": f"{relative}/scan.nii.gz", "mask": f"{relative}/lesion.nii.gz", "label": entry["label"]}
-            )
+            image = f"{relative}/scan" if dicom else f"{relative}/scan.nii.gz"
+            if dicom:
+                scan = nib.load(source.parent / entry["image"])
+                origin = (-90.0 + index, 120.0, -60.0)  # patient LPS, in mm; each patient positioned differently
+                write_dicom_series(scan.get_fdata(), root / image, scan.header.get_zooms()[:3], origin, case.name)
+            else:
+                shutil.copy(source.parent / entry["image"], case / "scan.nii.gz")
+            datalist[section].append({"image": image, "mask": f"{relative}/lesion.nii.gz", "label": entry["label"]})
     shutil.rmtree(tmp_path / "generated")
     path = root / "my_datalist.json"
     path.write_text(json.dumps(datalist, indent=1))
@@ -52,6 +61,30 @@ def _cli(*arguments: str, env, cwd) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "monai_kdx.cli", *arguments], capture_output=True, text=True, env=env, cwd=cwd,
         timeout=600,
     )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_bundle_trains_and_explains_dicom_series_with_heatmaps_on_their_geometry(tmp_path, subprocess_env):
+    """Datalist images that are DICOM series folders: the teacher trains on them and its heatmaps (NIfTI) carry
+    each series' spacing, orientation and position, as MONAI reads the series."""
+    from monai.transforms import LoadImage
+
+    from monai_kdx.transforms import case_name
+
+    datalist = _own_layout(tmp_path, 3, dicom=True)
+    content = json.loads(datalist.read_text())
+    assert (datalist.parent / content["test"][0]["image"] / "slice_0000.dcm").is_file()
+    settings = ("--datalist", str(datalist), "--max_epochs", "1", "--patience", "1")
+    bundle_run("brain_mri_3d", ["train_teacher.yaml"], tmp_path, subprocess_env, *settings)
+    bundle_run("brain_mri_3d", ["train_teacher.yaml", "explain.yaml"], tmp_path, subprocess_env, *settings)
+    maps = tmp_path / "runs" / "explanations" / "maps"
+    for entry in content["test"]:
+        series = datalist.parent / entry["image"]
+        read = LoadImage(image_only=True)(str(series))  # MONAI's reading of the series: the geometry to match
+        heatmap = nib.load(maps / f"{case_name(series, datalist.parent)}_cam.nii.gz")
+        assert heatmap.shape[:3] == tuple(read.shape)
+        np.testing.assert_allclose(heatmap.affine, np.asarray(read.affine), atol=1e-4)
+        assert not np.allclose(heatmap.affine, np.eye(4))  # a real geometry: 6 mm voxels, flipped axes, an origin
 
 
 @pytest.mark.slow
@@ -70,7 +103,7 @@ def test_run_on_a_users_3d_datalist_picks_the_3d_bundle_and_trains_on_its_files(
     (pipeline,) = client.search_runs(
         [client.get_experiment_by_name("brain_mri_3d").experiment_id], "attributes.run_name = 'pipeline'"
     )
-    assert pipeline.data.params["datalist"] == str(datalist) and pipeline.data.params["num_classes"] == "4"
+    assert pipeline.data.params["data"] == str(datalist) and pipeline.data.params["num_classes"] == "4"
 
 
 @pytest.mark.slow
@@ -106,9 +139,17 @@ def test_run_on_a_users_datalist_gives_the_demos_stages_report_and_runs(tmp_path
     runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
     assert {"pipeline", "teacher", "distill", "prune", "saliency", "explain"} <= set(runs)
     assert all(runs[name].info.status == "FINISHED" for name in ("pipeline", "saliency", "explain"))
-    assert runs["pipeline"].data.params["datalist"] == str(datalist)
+    assert runs["pipeline"].data.params["data"] == str(datalist)
     assert runs["pipeline"].data.params["num_classes"] == str(len(class_names(KINDS[dims])))
     assert runs["saliency"].data.params["saliency_target"] == "mask"  # guided toward the masks: no gaze
+    # the same MLflow structure as the demo: the four models registered, each with its signature
+    versions = {version.name: version for version in client.search_model_versions()}
+    names = ("teacher", "student", "student_pruned", "student_saliency")
+    assert set(versions) == {f"{bundle}_{name}" for name in names}
+    for version in versions.values():
+        model = client.get_logged_model(version.source.removeprefix("models:/"))
+        assert model.source_run_id == version.run_id and version.description
+        assert model.params["input_shape"] == "(1, 32, 32)"  # logged with the signature and input example
 
 
 def test_bad_datalists_are_refused_in_one_line_before_any_work(tmp_path, capsys):

@@ -96,8 +96,12 @@ def test_model_logger_writes_into_the_mlflow_handlers_run_and_registers(tmp_path
     summary = run_summary(uri, logger.logged.run_id)
     assert summary["run_name"] == "train" and summary["status"] == "FINISHED"
     assert "Loss" in summary["metrics"]  # the handler's own metric: the same run
-    assert {"model/MLmodel", "model/data/network.pt"} <= set(summary["artifacts"])
+    logged = summary["models"]["model"]  # an MLflow logged model of the run, with its network and example
+    assert {"MLmodel", "data/network.pt", "input_example.json", "requirements.txt"} <= set(logged["artifacts"])
+    assert logged["status"] == "READY" and logged["params"]["network"] == "ShallowCNN"
     assert logger.logged.registry_uri == "models:/tiny/1"
+    version = MlflowClient(uri).get_model_version("tiny", "1")
+    assert version.source == f"models:/{logged['model_id']}" and version.run_id == logger.logged.run_id
 
     model = load_classifier(logger.logged.registry_uri, uri)
     x = np.random.default_rng(0).standard_normal((3, 1, *[16] * spatial_dims)).astype(np.float32)
@@ -151,10 +155,10 @@ def test_pruned_model_registered_loads_without_pickles_and_predicts(tmp_path):
     Tracker(uri).end(child)
     Tracker(uri).end(parent)
 
-    artifacts = run_summary(uri, child)["artifacts"]
-    assert "model/MLmodel" in artifacts
-    stored = next(a for a in artifacts if a.startswith("model/data/"))
-    payload = torch.load(_download(uri, child, stored), weights_only=True)
+    artifacts = run_summary(uri, child)["models"]["model"]["artifacts"]
+    assert "MLmodel" in artifacts
+    stored = next(a for a in artifacts if a.startswith("data/"))
+    payload = torch.load(_download(uri, logged.model_id, stored), weights_only=True)
     assert payload["format"].startswith("monai_kdx.pruned")  # tensors and plain data only
 
     model = load_classifier(logged.registry_uri, uri)
@@ -165,9 +169,11 @@ def test_pruned_model_registered_loads_without_pickles_and_predicts(tmp_path):
     assert [run.info.run_id for run in Tracker(uri).child_runs(parent)] == [child]
 
 
-def _download(uri: str, run_id: str, path: str) -> str:
+def _download(uri: str, model_id: str, path: str) -> str:
+    import mlflow.artifacts
 
-    return MlflowClient(uri).download_artifacts(run_id, path)
+    location = MlflowClient(uri).get_logged_model(model_id).artifact_location
+    return mlflow.artifacts.download_artifacts(f"{location}/{path}", tracking_uri=uri)
 
 
 def test_log_classifier_rejects_bad_files_before_logging(tmp_path):
@@ -183,7 +189,7 @@ def test_log_classifier_rejects_bad_files_before_logging(tmp_path):
         log_classifier(uri, parent, garbage)
     with pytest.raises(ValueError, match="builder"):
         log_classifier(uri, parent, state)
-    assert run_summary(uri, parent)["artifacts"] == []
+    assert run_summary(uri, parent)["artifacts"] == [] and run_summary(uri, parent)["models"] == {}
 
 
 def test_child_runs_and_a_failed_attempt_do_not_capture_the_handlers_run(tmp_path):

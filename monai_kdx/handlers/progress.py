@@ -23,6 +23,8 @@ class ProgressBar:
         metric_names: engine metrics to show (``"all"`` for every one).
         persist: keep the finished bar on screen.
         desc: the bar's label.
+
+    The bar is drawn only when its stream (standard error) is a terminal.
     """
 
     def __init__(
@@ -34,7 +36,8 @@ class ProgressBar:
     ) -> None:
         self.output_transform = output_transform
         self.metric_names = metric_names
-        self.bar = _IgniteProgressBar(persist=persist, desc=desc, dynamic_ncols=True)
+        # drawn on a terminal only (``disable=None``): in a log file a redrawn bar is noise
+        self.bar = _IgniteProgressBar(persist=persist, desc=desc, dynamic_ncols=True, disable=None)
 
     def attach(self, engine: Engine) -> None:
         transform = self.output_transform

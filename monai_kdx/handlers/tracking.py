@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ignite.engine import Engine, Events
+from monai.engines import Trainer
 from monai.handlers import MLFlowHandler
 
 from monai_kdx.tracking import experiment_id, log_classifier
@@ -70,11 +71,25 @@ class MLflowRunHandler(MLFlowHandler):
                     if active
                     else self.client.create_run(experiment_id=experiment, run_name=self.run_name)
                 )
+        if not isinstance(engine, Trainer):  # MONAI logs max_epochs and epoch_length: they define training runs only
+            self.default_tracking_params = []
         if self.close_on_complete and engine.has_event_handler(self.close, Events.COMPLETED):
             engine.remove_event_handler(self.close, Events.COMPLETED)  # re-added last: closes after the others
             engine.add_event_handler(Events.COMPLETED, self.close)
         super().start(engine)
         setattr(engine.state, RUN_STATE, (self.client, self.cur_run.info.run_id))
+
+    def complete(self) -> None:
+        """Log the ``artifacts`` into the run: a file at the top, a folder's files with its subfolders kept (MONAI's
+        handler puts every file of every folder at the top)."""
+        if not (self.artifacts and self.cur_run):
+            return
+        run_id = self.cur_run.info.run_id
+        for path in self.artifacts:
+            if path and os.path.isfile(path):
+                self.client.log_artifact(run_id, path)
+            elif path and os.path.isdir(path):
+                self.client.log_artifacts(run_id, path)
 
     def _failed(self, engine: Engine, error: BaseException) -> None:
         if self.cur_run is not None:
@@ -94,16 +109,19 @@ def _is_rank0() -> bool:
 
 
 class MLflowModelLogger:
-    """At ``Events.COMPLETED``, log ``path`` as an MLflow pyfunc model (no pickled modules) into the run of the
-    engine's :class:`MLflowRunHandler` and optionally register it.
+    """At ``Events.COMPLETED``, log ``path`` as an MLflow logged model (pyfunc, no pickled modules) of the run of
+    the engine's :class:`MLflowRunHandler` (:func:`monai_kdx.tracking.log_classifier`) and optionally register it.
 
     Args:
         path: a :func:`~monai_kdx.pruning.save_pruned` file or a ``CheckpointSaver`` state dict (with ``builder``),
             read when the engine completes (e.g. the best checkpoint ``model.pt``).
         builder: the network spec (``{"network": <registered name>, **arguments}``) of a state-dict checkpoint.
-        artifact_path: the model's folder among the run's artifacts.
+        artifact_path: the logged model's name (e.g. ``"student_model"``).
         registered_model_name: register under this name (``None``: log only).
-        input_shape: ``(C, *spatial)`` for the model signature; default: one sample of the engine's last batch.
+        description: what the model is, for people (the registered model's and version's description).
+        tags: tags of the logged model and its registered version (e.g. ``{"role": "student"}``).
+        input_shape: ``(C, *spatial)`` for the model signature and input example; default: one sample of the
+            engine's first batch.
         image_key: the batch key of the images (for the default ``input_shape``).
 
     Raises:
@@ -121,6 +139,8 @@ class MLflowModelLogger:
         registered_model_name: str | None = None,
         input_shape: tuple[int, ...] | None = None,
         image_key: str = "image",
+        description: str | None = None,
+        tags: Mapping[str, Any] | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.builder = None if builder is None else dict(builder)
@@ -128,6 +148,8 @@ class MLflowModelLogger:
         self.registered_model_name = registered_model_name
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
         self.image_key = image_key
+        self.description = description
+        self.tags = dict(tags or {})
         self.run: tuple[Any, str] | None = None
         self.started: float | None = None  # when the engine started: older files are not this run's
         self.logged = None  # the LoggedModel, after COMPLETED
@@ -154,6 +176,9 @@ class MLflowModelLogger:
             )
 
     def _remember_run(self, engine: Engine) -> None:
+        batch = getattr(engine.state, "batch", None)
+        if self.input_shape is None and isinstance(batch, Mapping) and self.image_key in batch:
+            self.input_shape = tuple(int(size) for size in batch[self.image_key].shape[1:])  # one sample's
         self.run = getattr(engine.state, RUN_STATE, None) or self.run
         if self.run is None and _is_rank0():
             raise RuntimeError(
@@ -166,10 +191,6 @@ class MLflowModelLogger:
         run = getattr(engine.state, RUN_STATE, None) or self.run
         if run is None:
             return
-        shape = self.input_shape
-        batch = getattr(engine.state, "batch", None)
-        if shape is None and isinstance(batch, Mapping) and self.image_key in batch:
-            shape = tuple(batch[self.image_key].shape[1:])
         self.check_written_by_this_run()
         client, run_id = run
         self.logged = log_classifier(
@@ -179,6 +200,8 @@ class MLflowModelLogger:
             builder=self.builder,
             artifact_path=self.artifact_path,
             registered_model_name=self.registered_model_name,
-            input_shape=shape,
+            input_shape=self.input_shape,
+            description=self.description,
+            tags=self.tags,
         )
         logger.info(f"logged {self.path} as {self.logged.model_uri} ({self.logged.registry_uri or 'not registered'})")

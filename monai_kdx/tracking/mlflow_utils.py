@@ -59,6 +59,16 @@ def latest_run(tracking_uri: str, experiment_name: str, run_name: str | None = N
     return runs[0]
 
 
+def _files(listing: Any) -> list[str]:
+    """Every file path below a store's folder, given ``listing(path)`` of one folder's entries (``None``: the top)."""
+    files: list[str] = []
+    pending = [None]
+    while pending:
+        for item in listing(pending.pop()):
+            (pending if item.is_dir else files).append(item.path)
+    return sorted(files)
+
+
 def run_summary(tracking_uri: str, run: Any) -> dict[str, Any]:
     """Params, final metrics and artifact paths of a run, as plain Python values.
 
@@ -67,28 +77,34 @@ def run_summary(tracking_uri: str, run: Any) -> dict[str, Any]:
         run: an ``mlflow.entities.Run`` or a run id.
 
     Returns:
-        ``{"run_id", "run_name", "status", "params", "metrics", "artifacts", "artifact_uri"}``.
+        ``{"run_id", "run_name", "status", "params", "metrics", "artifacts", "artifact_uri", "models"}``; ``models``
+        maps the name of each MLflow logged model of the run to ``{"model_id", "status", "params", "tags",
+        "artifacts"}``.
     """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(run if isinstance(run, str) else run.info.run_id)
-    artifacts: list[str] = []
-    pending = [None]
-    while pending:
-        for item in client.list_artifacts(run.info.run_id, pending.pop()):
-            if item.is_dir:
-                pending.append(item.path)
-            else:
-                artifacts.append(item.path)
+    models = {}
+    for model in client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    ):
+        models[model.name] = {
+            "model_id": model.model_id,
+            "status": str(model.status),
+            "params": dict(model.params),
+            "tags": dict(model.tags),
+            "artifacts": _files(lambda path, model=model: client.list_logged_model_artifacts(model.model_id, path)),
+        }
     return {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
         "status": run.info.status,
         "params": dict(run.data.params),
         "metrics": dict(run.data.metrics),
-        "artifacts": sorted(artifacts),
+        "artifacts": _files(lambda path: client.list_artifacts(run.info.run_id, path)),
         "artifact_uri": run.info.artifact_uri,
+        "models": models,
     }
 
 

@@ -1,5 +1,5 @@
-"""Classifiers as MLflow models: logged into an existing run (e.g. the one MONAI's ``MLFlowHandler``
-writes to), registered in the Model Registry, and loaded back to predict.
+"""Classifiers as MLflow models: logged models (MLflow 3) linked to the run that trained them, with a signature,
+an input example, a description and tags, registered in the Model Registry, and loaded back to predict.
 
 The model is an MLflow ``pyfunc`` model with this package's loader module
 (:mod:`monai_kdx.tracking.pyfunc`) whose only data is a :func:`monai_kdx.pruning.save_pruned` file
@@ -10,30 +10,67 @@ module and without running code from the artifact store. ``predict`` maps an arr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LoggedModel", "log_classifier", "load_classifier"]
+__all__ = ["LoggedModel", "log_classifier", "load_classifier", "model_requirements"]
+
+REQUIREMENTS = ("monai_kdx", "torch", "monai", "numpy", "mlflow")
+"""The packages a logged classifier needs to load, pinned to the versions that logged it."""
 
 
 @dataclass(frozen=True)
 class LoggedModel:
-    """Where a logged classifier lives: ``model_uri`` (``runs:/<run>/<path>``), and when registered
-    its registered name and version (``models:/<name>/<version>``)."""
+    """Where a logged classifier lives: the MLflow logged model ``model_id`` (``model_uri``: ``models:/<model_id>``)
+    of run ``run_id``, named ``name``, and when registered its registered name and version
+    (``models:/<name>/<version>``)."""
 
     run_id: str
-    artifact_path: str
-    model_uri: str
+    name: str
+    model_id: str
     registered_name: str | None = None
     version: str | None = None
+
+    @property
+    def model_uri(self) -> str:
+        """``models:/<model_id>``: the logged model, registered or not."""
+        return f"models:/{self.model_id}"
 
     @property
     def registry_uri(self) -> str | None:
         """``models:/<name>/<version>`` when registered."""
         return f"models:/{self.registered_name}/{self.version}" if self.registered_name else None
+
+
+def model_requirements() -> list[str]:
+    """``package==version`` of :data:`REQUIREMENTS` as installed (a package not installed is left unpinned)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for package in REQUIREMENTS:
+        try:
+            pinned.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pinned.append(package)
+    return pinned
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` while the block runs, then restored (MLflow's registry finds a
+    logged model of ``models:/<model_id>`` there, not in the client's store)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def _client(client_or_uri: Any) -> Any:
@@ -76,20 +113,28 @@ def log_classifier(
     artifact_path: str = "model",
     registered_model_name: str | None = None,
     input_shape: Sequence[int] | None = None,
+    description: str | None = None,
+    tags: Mapping[str, Any] | None = None,
 ) -> LoggedModel:
-    """Log a classifier file as an MLflow pyfunc model into run ``run_id`` and optionally register it.
+    """Log a classifier file as an MLflow logged model (a pyfunc model) of run ``run_id`` and optionally register it.
+
+    The logged model is linked to the run (the run's and the experiment's *Models* tabs list it), carries the
+    network's class, parameter count and input shape as params, ``tags`` and ``description`` as tags, pinned
+    requirements (:func:`model_requirements`) and, with ``input_shape``, a tensor signature and an input example.
 
     Args:
         client_or_uri: an ``MlflowClient`` (e.g. MONAI's ``MLFlowHandler.client``) or a tracking URI.
-        run_id: the run to log into (it need not be active).
+        run_id: the run that trained the model (it need not be active).
         path: a :func:`~monai_kdx.pruning.save_pruned` file, or a state-dict checkpoint (``CheckpointSaver``)
             together with ``builder``.
         builder: the network spec (``{"network": <registered name>, **arguments}``) of a state-dict checkpoint.
-        artifact_path: the model's folder in the run's artifacts.
+        artifact_path: the logged model's name (e.g. ``"student_model"``).
         registered_model_name: register the model under this name (a new version each call); ``None``: not
             registered.
         input_shape: ``(C, *spatial)`` of one input; when given, the model gets a tensor signature and an input
             example, and the network is checked to run on it.
+        description: what the model is, for people: the registered model's and version's description.
+        tags: tags of the logged model and of the registered version (values as strings).
 
     Returns:
         A :class:`LoggedModel`.
@@ -99,51 +144,79 @@ def log_classifier(
     """
     import mlflow.pyfunc
     import numpy as np
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model
 
+    from monai_kdx.networks import count_parameters
     from monai_kdx.pruning import load_pruned
 
     from .pyfunc import LOADER_MODULE
 
     client = _client(client_or_uri)
     path = os.fspath(path)
+    tags = {key: str(value) for key, value in (tags or {}).items()}
+    if description:
+        tags["description"] = description
     with tempfile.TemporaryDirectory(prefix="monai_kdx_model_") as folder:
         network_file = _network_file(path, builder, folder)
+        network = load_pruned(network_file).eval()
+        params = {"network": type(network).__name__, "parameters": str(count_parameters(network))}
         signature = example = None
         if input_shape is not None:
             import torch
             from mlflow.models import infer_signature
 
-            network = load_pruned(network_file).eval()
             example = np.zeros((1, *[int(size) for size in input_shape]), dtype=np.float32)
             with torch.no_grad():
                 probabilities = torch.softmax(network(torch.from_numpy(example)), dim=1).numpy()
             signature = infer_signature(example, probabilities)
-        local = os.path.join(folder, "model")
-        mlflow.pyfunc.save_model(
-            local,
-            loader_module=LOADER_MODULE,
-            data_path=network_file,
-            signature=signature,
-            input_example=example,
-            pip_requirements=["monai_kdx", "torch", "monai", "numpy"],
+            params["input_shape"] = str(tuple(int(size) for size in input_shape))
+        experiment = client.get_run(run_id).info.experiment_id
+        logged = client.create_logged_model(
+            experiment, name=artifact_path, source_run_id=run_id, tags=tags, params=params, model_type="classifier"
         )
-        client.log_artifacts(run_id, local, artifact_path)
-    logged = LoggedModel(run_id, artifact_path, f"runs:/{run_id}/{artifact_path}")
+        try:
+            client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+            local = os.path.join(folder, "model")
+            meta = Model(artifact_path=logged.artifact_location, run_id=run_id, model_id=logged.model_id)
+            mlflow.pyfunc.save_model(
+                local,
+                loader_module=LOADER_MODULE,
+                data_path=network_file,
+                signature=signature,
+                input_example=example,
+                pip_requirements=model_requirements(),
+                mlflow_model=meta,
+            )
+            client.log_model_artifacts(logged.model_id, local)
+        except BaseException:
+            client.finalize_logged_model(logged.model_id, "FAILED")
+            raise
+        client.finalize_logged_model(logged.model_id, "READY")
+    result = LoggedModel(run_id, artifact_path, logged.model_id)
     if registered_model_name is None:
-        return logged
+        return result
     from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(registered_model_name)
     except MlflowException:
-        client.create_registered_model(registered_model_name)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-    version = client.create_model_version(registered_model_name, source=source, run_id=run_id)
-    return LoggedModel(run_id, artifact_path, logged.model_uri, registered_model_name, str(version.version))
+        client.create_registered_model(registered_model_name, description=description)
+    with _global_tracking_uri(client.tracking_uri):  # MLflow resolves models:/<id> through the global URI
+        version = client.create_model_version(
+            registered_model_name,
+            source=result.model_uri,
+            run_id=run_id,
+            tags=tags,
+            description=description,
+            model_id=logged.model_id,
+        )
+    return LoggedModel(run_id, artifact_path, logged.model_id, registered_model_name, str(version.version))
 
 
 def load_classifier(model_uri: str, tracking_uri: str) -> Any:
-    """Load a logged classifier (``runs:/…``, or ``models:/name/version`` from the registry) as an MLflow pyfunc model.
+    """Load a logged classifier (``models:/<model_id>``, ``models:/<name>/<version>`` from the registry, or
+    ``runs:/…``) as an MLflow pyfunc model.
 
     The artifacts are downloaded from ``tracking_uri`` into a temporary folder that is removed before returning (the
     network is in memory by then); no global MLflow state is changed. Only models of this package's flavor are
@@ -163,9 +236,13 @@ def load_classifier(model_uri: str, tracking_uri: str) -> Any:
 
     from . import pyfunc
 
-    if model_uri.startswith("models:/"):  # resolved here: MLflow would ask the global registry URI
+    if model_uri.startswith("models:/"):  # resolved here: MLflow would ask the global tracking and registry URIs
         name, _, version = model_uri[len("models:/") :].partition("/")
-        model_uri = _client(tracking_uri).get_model_version_download_uri(name, version)
+        client = _client(tracking_uri)
+        if version:
+            model_uri = client.get_model_version_download_uri(name, version)
+        else:  # models:/<model_id>, a logged model
+            model_uri = client.get_logged_model(name).artifact_location
     with tempfile.TemporaryDirectory(prefix="monai_kdx_load_") as folder:
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri, dst_path=folder)
         meta = Model.load(os.path.join(local, "MLmodel"))

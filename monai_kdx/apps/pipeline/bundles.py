@@ -7,7 +7,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,7 @@ def run_bundle(
     bundle: str,
     configs: list[str],
     engine_ids: Sequence[str],
+    on_initialized: Callable[[Any], None] | None = None,
     **overrides: Any,
 ) -> StageResult:
     """Run bundle configs (later files override earlier ones) with MONAI's ``ConfigWorkflow``.
@@ -131,6 +132,8 @@ def run_bundle(
         bundle: the name of a packaged bundle (:func:`available_bundles`).
         configs: config file names inside the bundle's ``configs/`` folder.
         engine_ids: config ids of the engines whose final ``state.metrics`` are returned (merged).
+        on_initialized: called with the initialized ``ConfigWorkflow`` before it runs (e.g. to attach a
+            progress bar to its trainer).
         overrides: config values to override (``bundle_root`` defaults to the bundle's folder).
 
     Returns:
@@ -149,6 +152,8 @@ def run_bundle(
     )
     start = time.perf_counter()
     workflow.initialize()
+    if on_initialized is not None:
+        on_initialized(workflow)
     workflow.run()
     parsed = workflow.parser.get_parsed_content
     metrics = {key: float(value) for engine in map(parsed, engine_ids) for key, value in engine.state.metrics.items()}

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from monai_kdx.apps.console import Console, key_metrics
 from monai_kdx.handlers import read_case_table
 from monai_kdx.networks import build_network, load_weights, read_state_dict
 from monai_kdx.pruning import load_pruned
@@ -169,6 +170,9 @@ class Pipeline:
         time_budget: seconds for the whole job (default :data:`DEFAULT_TIME_BUDGET`; ``None`` in quick mode),
             shared among the stages (:data:`BUDGET_SHARES`): each training stage stops before overrunning its share
             (and on a validation plateau or the epoch cap before that).
+        verbose: leave MONAI's and ignite's logs, library warnings and the bundles' bars on the console; by default
+            the console shows one line per stage as it starts and ends, a progress bar per training stage and the
+            report, and the rest goes to ``<output_dir>/logs/<stage>.log`` (:class:`monai_kdx.apps.console.Console`).
         overrides: bundle config overrides for every stage (e.g. ``max_epochs=3``).
 
     Raises:
@@ -188,6 +192,7 @@ class Pipeline:
         restart: bool = False,
         time_budget: float | None | str = "default",
         datalist: str | os.PathLike | None = None,
+        verbose: bool = False,
         **overrides: Any,
     ) -> None:
         data = None if datalist is None else check_main_job_datalist(datalist, bundle)
@@ -220,6 +225,7 @@ class Pipeline:
             "overrides": {key: repr(value) for key, value in sorted(self.overrides.items())},
         }
         self.state_path = os.path.join(self.output_dir, STATE_FILE)
+        self.console = Console(os.path.join(self.output_dir, "logs"), verbose=verbose)
         self.state = self._load_state(restart)
 
     # --- state -----------------------------------------------------------------------------------
@@ -273,6 +279,26 @@ class Pipeline:
             **self.stage_overrides.get(stage, {}),
         }
 
+    def run_params(self) -> dict[str, Any]:
+        """What defines this pipeline, as the parent run's params: the data, the architectures, the budget and the
+        overrides."""
+        parser = self.parser(["train_teacher.yaml"], "teacher")
+        data = self.overrides.get("datalist")
+        params = {
+            "bundle": self.bundle,
+            "quick": self.quick,
+            "data": data if data else f"generated {parser.get_parsed_content('dataset_kind')}",
+            "num_classes": parser.get_parsed_content("num_classes"),
+            "spatial_dims": parser.get_parsed_content("spatial_dims"),
+            "teacher_network": parser.get_parsed_content("teacher_def#network"),
+            "student_network": parser.get_parsed_content("student_def#network"),
+            "time_budget": self.time_budget,
+        }
+        if not data:
+            params.update(n_samples=parser.get_parsed_content("n_samples"))
+            params.update(spatial_size=parser.get_parsed_content("spatial_size"))
+        return {**params, **{key: value for key, value in self.overrides.items() if key != "datalist"}}
+
     def stage_budget(self, stage: str) -> float | None:
         """The seconds of training ``stage`` may take: its share (:data:`BUDGET_SHARES`) of the time left, among
         the stages left (the time of completed stages, from ``pipeline.json``, counts; None without a budget)."""
@@ -312,11 +338,22 @@ class Pipeline:
                 )
         return estimates
 
-    def run_in(self, run_id: str, stage: str, configs: Sequence[str], engines: Sequence[str], **extra: Any):
-        """One bundle run logging into the existing run ``run_id`` (reopened: the bundle's handler ends it)."""
+    def run_in(
+        self,
+        run_id: str,
+        stage: str,
+        configs: Sequence[str],
+        engines: Sequence[str],
+        progress: bool = False,
+        **extra: Any,
+    ):
+        """One bundle run logging into the existing run ``run_id`` (reopened: the bundle's handler ends it); with
+        ``progress``, its trainer draws the stage's bar on the console."""
         self.tracker.reopen(run_id)
         name = self.tracker.client.get_run(run_id).info.run_name
-        return run_bundle(self.bundle, list(configs), engines, **{**self.bundle_settings(stage, name), **extra})
+        attach = self.console.training_progress(stage) if progress else None
+        settings = {**self.bundle_settings(stage, name), **extra}
+        return run_bundle(self.bundle, list(configs), engines, on_initialized=attach, **settings)
 
     def parser(self, configs: Sequence[str], stage: str = "explain") -> Any:
         """A ``ConfigParser`` of the bundle's ``configs`` with this pipeline's settings (nothing is run)."""
@@ -343,7 +380,7 @@ class Pipeline:
         """
         if until is not None and until not in STAGES:
             raise ValueError(f"unknown stage {until!r}; stages: {STAGES}.")
-        with OutputLock(self.output_dir):
+        with OutputLock(self.output_dir), self.console.capture("pipeline"):
             last = STAGES.index(until) if until else len(STAGES) - 1
             self.check_budget([s for s in STAGES[: last + 1] if not self.completed(s)])
             return self._run(last)
@@ -351,8 +388,8 @@ class Pipeline:
     def _run(self, last: int) -> PipelineResult:
         first = next((i for i, stage in enumerate(STAGES) if not self.completed(stage)), len(STAGES))
         if first < len(STAGES) and STAGES[first] in self.state["stages"]:
-            print(f"[pipeline] {STAGES[first]}: outputs changed since it completed {self.changed(STAGES[first])}, "
-                  "running it again")  # fmt: skip
+            self.console.line(f"{STAGES[first]}: outputs changed since it completed {self.changed(STAGES[first])}, "
+                              "running it again")  # fmt: skip
         for stage in STAGES[first:]:  # a stage run again invalidates what came after it
             self.state["stages"].pop(stage, None)
         skipped = list(STAGES[: min(first, last + 1)])
@@ -360,7 +397,7 @@ class Pipeline:
             self.state["parent_run_id"] = self.tracker.start_parent(
                 self.experiment_name,
                 run_name="pipeline",
-                params={"bundle": self.bundle, "quick": self.quick, **self.overrides},
+                params=self.run_params(),
                 tags={"monai_kdx.pipeline": self.output_dir},
             )
             self._save_state()
@@ -368,7 +405,7 @@ class Pipeline:
             self.tracker.reopen(self.state["parent_run_id"])
         parent = self.state["parent_run_id"]
         for stage in skipped:
-            print(f"[pipeline] {stage}: completed earlier (run {self.state['stages'][stage]['run_id']}), skipped")
+            self.console.line(f"{stage}: completed earlier (run {self.state['stages'][stage]['run_id']}), skipped")
         try:
             for stage in STAGES[first : last + 1]:
                 self._run_stage(stage, parent)
@@ -394,11 +431,16 @@ class Pipeline:
         for relative in stage_outputs(stage):  # never pick up a file this run did not write
             if os.path.isfile(self.path(relative)):
                 os.remove(self.path(relative))
-        print(f"[pipeline] {stage}: running")
+        budget = self.stage_budget(stage) if stage != "explain" else None
+        self.console.line(
+            f"{stage}: {STAGE_TEXT[stage]}" + (f", at most {budget:.0f} s" if budget else "")
+            + f" (log: {self.console.shown_path(stage)})"
+        )  # fmt: skip
         start = time.perf_counter()
         run_id = self.tracker.start_child(parent, stage)
         try:
-            record = STAGE_FUNCTIONS[stage](self, run_id)
+            with self.console.capture(stage):
+                record = STAGE_FUNCTIONS[stage](self, run_id)
         except BaseException as error:
             self.tracker.end(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
             raise
@@ -413,9 +455,9 @@ class Pipeline:
         )
         self.state["stages"][stage] = record
         self._save_state()
-        values = {f"{stage}_{key}": value for key, value in record["metrics"].items()}
-        self.tracker.log_metrics(parent, {**values, f"{stage}_seconds": record["seconds"]})
-        print(f"[pipeline] {stage}: done in {record['seconds']:.0f} s {record['metrics']}")
+        self.tracker.log_metrics(parent, {f"seconds/{stage}": record["seconds"]})  # the stage's metrics: its run
+        shown = key_metrics(record["metrics"], record.get("training"), record.get("shown"))
+        self.console.line(f"{stage}: done in {record['seconds']:.0f} s" + (f" · {shown}" if shown else ""))
 
 
 # --- the stages: each runs the bundle's configs into its child run and returns its record ----------
@@ -438,7 +480,8 @@ def _train_and_test(pipeline: Pipeline, run_id: str, entry: ModelEntry, **extra:
     """A model's training stage: its configs, then the same with ``evaluate.yaml`` on the test split."""
     budget = pipeline.stage_budget(entry.stage)
     extra = {**extra, **({"time_budget": budget} if budget is not None else {})}
-    train = pipeline.run_in(run_id, entry.stage, entry.configs, ["train#trainer", "validate#evaluator"], **extra)
+    engines = ["train#trainer", "validate#evaluator"]
+    train = pipeline.run_in(run_id, entry.stage, entry.configs, engines, progress=True, **extra)
     test = pipeline.run_in(run_id, entry.stage, [*entry.configs, "evaluate.yaml"], ["evaluator"], **extra)
     return {
         "metrics": _metrics(train, test),
@@ -465,11 +508,13 @@ def _stage_prune(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
     entry = model("pruned")
     engines = ["train#trainer", "validate#evaluator", "test#evaluator"]
     budget = pipeline.stage_budget(entry.stage)
-    result = pipeline.run_in(run_id, entry.stage, entry.configs, engines, **({"time_budget": budget} if budget else {}))
+    extra = {"time_budget": budget} if budget else {}
+    result = pipeline.run_in(run_id, entry.stage, entry.configs, engines, progress=True, **extra)
     return {
         "metrics": result.metrics,
         "models": pipeline.tracker.registered_models(run_id),
         "training": _training_record(pipeline, entry.stage),
+        "shown": ["prune_params_before", "prune_params", "val_accuracy", "test_accuracy"],
     }
 
 
@@ -483,7 +528,8 @@ def _explain_settings(pipeline: Pipeline, entry: ModelEntry) -> dict[str, Any]:
     """The overrides that make explain.yaml explain ``entry`` from its file."""
     if entry.pruned:  # the weights are in the file: no CheckpointLoader (the test handlers' first)
         network = "$monai_kdx.pruning.load_pruned(@pruned_path).to(@device)"
-        return {"pruned_path": pipeline.path(entry.checkpoint), "network": network, "handlers#0#_disabled_": True}
+        path = pipeline.path(entry.checkpoint)  # ckpt_path too: the file the run's params name
+        return {"pruned_path": path, "ckpt_path": path, "network": network, "handlers#0#_disabled_": True}
     return {"ckpt_path": pipeline.path(entry.checkpoint)}
 
 
@@ -516,11 +562,14 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
     metrics, explain_runs, per_model = {}, {}, {}
     folders = {}
     choice = _choose_explanation(pipeline)
-    print(f"[pipeline] explain: {choice['method']} (the best pointing game of the teacher on the validation split)")
+    pipeline.console.line(
+        f"explain: {choice['method']} maps (the best pointing game of the teacher on the validation split)"
+    )
     names = {method: method.replace("+", "p") for method in choice["scores"]}  # MLflow: no "+" in metric names
     scores = {f"validation_pointing_game/{names[m]}": score["value"] for m, score in choice["scores"].items()}
     pipeline.tracker.log_metrics(run_id, scores)
     pipeline.tracker.client.log_param(run_id, "explanation_method", choice["method"])
+    pipeline.tracker.client.log_param(pipeline.state["parent_run_id"], "explanation_method", choice["method"])
     for entry in MODELS:
         child = pipeline.tracker.start_child(run_id, f"explain_{entry.name}", stage="explain")
         folders[entry.name] = pipeline.path(os.path.join("explanations", entry.name))
@@ -547,7 +596,7 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
         pipeline.path("report"),
         case_tables={name: read_case_table(os.path.join(folder, "cases.csv")) for name, folder in folders.items()},
         explain_metrics=per_model,
-        explanation_folders=folders,
+        explanation_folders={name: os.path.join(folder, "maps") for name, folder in folders.items()},
         training=training,
         gaze=_test_gaze(pipeline),
         title=f"monai_kdx pipeline report: {pipeline.bundle}",
@@ -563,7 +612,14 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
         f"`{pipeline.state['parent_run_id']}`.",
         method=choice["method"],
     )
-    pipeline.tracker.log_metrics(run_id, {f"{row['model']}_{k}": v for row in summary for k, v in row.items()})
+    # the comparison of the four models, once, in the parent run (each model's own runs hold the rest)
+    comparison = {
+        f"{row['model'].replace(' ', '_')}/{key}": value
+        for row in summary
+        for key, value in row.items()
+        if not key.endswith("_n")  # the case counts are in the report
+    }
+    pipeline.tracker.log_metrics(pipeline.state["parent_run_id"], comparison)
     pipeline.tracker.client.log_artifacts(run_id, pipeline.path("report"), "report")
     pipeline.tracker.client.log_artifacts(pipeline.state["parent_run_id"], pipeline.path("report"), "report")
     return {
@@ -572,6 +628,7 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
         "summary": summary,
         "report": report,
         "explanation": choice,
+        "shown": [f"{entry.name}_pointing_game" for entry in MODELS],
     }
 
 
@@ -616,6 +673,15 @@ def _test_samples(pipeline: Pipeline, limit: int) -> list[Mapping[str, Any]]:
             break
     return samples
 
+
+STAGE_TEXT = {
+    "teacher": "training the teacher",
+    "distill": "distilling the student from the teacher",
+    "prune": "pruning the student by relevance, fine-tuning",
+    "saliency": "fine-tuning the student with saliency guidance",
+    "explain": "explaining the four models, writing the report",
+}
+"""What each stage does, on its opening line."""
 
 STAGE_FUNCTIONS: dict[str, Callable[[Pipeline, str], dict[str, Any]]] = {
     "teacher": _stage_teacher,
