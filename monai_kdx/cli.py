@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 __all__ = ["main", "build_parser"]
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "checkpoints, report, MLflow store)")  # fmt: skip
         job.add_argument("--quick", action="store_true", help="one epoch per stage (smoke test; demo: tiny data)")
         job.add_argument("--max-epochs", type=int, default=None, help="epoch cap of every training stage")
+        job.add_argument(
+            "--spatial-size",
+            type=int,
+            default=None,
+            help="side length in voxels/pixels: of the generated images (demo); every image, mask and gaze map "
+            "resampled to it (run; needed when the images differ in shape)",
+        )
         job.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///OUT/mlruns.db)")
         job.add_argument("--experiment", default=None, help="MLflow experiment (default: the bundle's name)")
         stages = ["teacher", "distill", "prune", "saliency", "explain"]
@@ -154,10 +162,17 @@ def _demo(args: argparse.Namespace) -> int:
     from monai_kdx.apps.pipeline import Pipeline, summary_markdown
 
     overrides = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
-    if args.max_epochs is not None and args.max_epochs < 1:
-        raise ValueError(f"--max-epochs must be >= 1, got {args.max_epochs}.")
-    if not args.verbose:  # MLflow's own INFO lines (database set-up) stay off the console
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    for name, value, least in (("--max-epochs", args.max_epochs, 1), ("--spatial-size", args.spatial_size, 8)):
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}.")
+    if args.spatial_size is not None:
+        overrides["spatial_size"] = args.spatial_size
+        if args.command == "run":
+            overrides["resize_to"] = args.spatial_size
+    if not args.verbose:  # notices about the environment, not the data, stay off the console
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # database set-up
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # no GPU DICOM decoder
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     pipeline = Pipeline(
         args.out,
         bundle=args.bundle,
@@ -177,8 +192,9 @@ def _demo(args: argparse.Namespace) -> int:
         in_stage = log is not None and log != pipeline.console.log_path("pipeline")
         if not in_stage and isinstance(error, (ValueError, KeyError, OSError)):
             raise  # bad input, found before any stage ran: main() prints it in one line
-        message = (str(error).strip().splitlines() or [""])[0]
-        print(f"monai-kdx {args.command}: error: {type(error).__name__}: {message} (traceback: {log})", file=sys.stderr)
+        root = _root_cause(error)  # e.g. what failed inside MONAI's "Failed to evaluate ConfigExpression"
+        message = (str(root).strip().splitlines() or [""])[0]
+        print(f"monai-kdx {args.command}: error: {type(root).__name__}: {message} (traceback: {log})", file=sys.stderr)
         return 1
     if result.summary:
         print()
@@ -193,6 +209,17 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"MLflow: experiment {result.experiment_name!r}, parent run {result.parent_run_id}; open it with:")
     print(f"  mlflow ui --backend-store-uri {result.tracking_uri}")
     return 0
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The first exception of a chain (``raise ... from ...`` or raised while handling another)."""
+    seen = {id(error)}
+    while True:
+        cause = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if cause is None or id(cause) in seen:
+            return error
+        seen.add(id(cause))
+        error = cause
 
 
 def _parse_checkpoints(values: Sequence[str] | None, kinds: Sequence[str]) -> dict[str, str]:

@@ -147,7 +147,8 @@ def save_figure(fig: Any, path: str | os.PathLike | None) -> Any:
 def datalist_preview(
     datalist: str | os.PathLike, path: str | os.PathLike | None = None, section: str = "training", per_class: int = 1
 ) -> Any:
-    """:func:`dataset_preview` of a dataset on disk, read back from its NIfTI files.
+    """:func:`dataset_preview` of a dataset on disk, read back from its files (NIfTI, DICOM series folders: whatever
+    MONAI's ``LoadImage`` reads).
 
     Args:
         datalist: a datalist JSON (e.g. written by :func:`monai_kdx.data.write_dataset`); ``mask`` and ``gaze``
@@ -158,9 +159,11 @@ def datalist_preview(
     """
     from types import SimpleNamespace
 
-    import nibabel as nib
+    from monai.transforms import LoadImage
 
     from monai_kdx.data import load_datalist
+
+    load = LoadImage(image_only=True)
 
     counts: dict[int, int] = {}
     samples = []
@@ -169,9 +172,9 @@ def datalist_preview(
         if counts.get(label, 0) >= per_class:
             continue
         counts[label] = counts.get(label, 0) + 1
-        image = np.asarray(nib.load(entry["image"]).dataobj)
+        image = np.asarray(load(entry["image"]))
         arrays = {  # a datalist without masks or gaze heatmaps (a user's): nothing drawn for them
-            key: np.asarray(nib.load(entry[key]).dataobj) if isinstance(entry.get(key), str) else np.zeros_like(image)
+            key: np.asarray(load(entry[key])) if isinstance(entry.get(key), str) else np.zeros_like(image)
             for key in ("mask", "gaze")
         }
         arrays["image"] = image

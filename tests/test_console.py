@@ -125,7 +125,10 @@ def test_key_metrics_reads_accuracies_and_how_training_ended():
 def test_a_failing_stage_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
     def failing(pipeline, run_id):
         print("library chatter")
-        raise RuntimeError("the stage broke\nand a second line")
+        try:
+            raise OSError("the disk is full\nand a second line")
+        except OSError as error:  # as MONAI wraps what fails in a config expression
+            raise RuntimeError("Failed to evaluate ConfigExpression") from error
 
     monkeypatch.setitem(runner.STAGE_FUNCTIONS, "teacher", failing)
     out = tmp_path / "out"
@@ -133,8 +136,8 @@ def test_a_failing_stage_is_one_line_naming_its_log(tmp_path, monkeypatch, capsy
     captured = capsys.readouterr()
     error = captured.err.strip().splitlines()
     log = out / "logs" / "teacher.log"
-    assert error == [f"monai-kdx demo: error: RuntimeError: the stage broke (traceback: {log})"]
+    assert error == [f"monai-kdx demo: error: OSError: the disk is full (traceback: {log})"]  # the root cause
     assert captured.out.splitlines()[0].startswith("teacher: training the teacher")
     assert "library chatter" not in captured.out
     text = log.read_text()
-    assert "library chatter" in text and "Traceback" in text and "and a second line" in text
+    assert "library chatter" in text and "ConfigExpression" in text and "and a second line" in text

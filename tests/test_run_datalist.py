@@ -24,10 +24,11 @@ SPLITS = {3: (0.45, 0.15, 0.4), 2: (0.7, 0.15, 0.15)}  # the bundles' own split 
 KINDS = {3: "brain-mri-3d", 2: "chest-xray-2d"}
 
 
-def _own_layout(tmp_path: Path, dims: int, n: int = 16, dicom: bool = False) -> Path:
+def _own_layout(tmp_path: Path, dims: int, n: int = 16, dicom: bool = False, masks: bool = True) -> Path:
     """A generated dataset rewritten as a user would hold it: patients/<site>/<id>/scan.nii.gz + lesion.nii.gz,
     every scan named alike, no gaze, the datalist elsewhere than the data; with ``dicom``, each scan a DICOM series
-    folder patients/<site>/<id>/scan/ (real DICOM files written with pydicom, the NIfTI's voxel size)."""
+    folder patients/<site>/<id>/scan/ (real DICOM files written with pydicom, the NIfTI's voxel size); without
+    ``masks``, no lesion masks either (labels only)."""
     source = write_dataset(
         tmp_path / "generated", kind=KINDS[dims], n=n, seed=0, progress=False, split_fractions=SPLITS[dims],
         spatial_size=32,
@@ -49,7 +50,9 @@ def _own_layout(tmp_path: Path, dims: int, n: int = 16, dicom: bool = False) -> 
                 write_dicom_series(scan.get_fdata(), root / image, scan.header.get_zooms()[:3], origin, case.name)
             else:
                 shutil.copy(source.parent / entry["image"], case / "scan.nii.gz")
-            datalist[section].append({"image": image, "mask": f"{relative}/lesion.nii.gz", "label": entry["label"]})
+            datalist[section].append({"image": image, "label": entry["label"]})
+            if masks:
+                datalist[section][-1]["mask"] = f"{relative}/lesion.nii.gz"
     shutil.rmtree(tmp_path / "generated")
     path = root / "my_datalist.json"
     path.write_text(json.dumps(datalist, indent=1))
@@ -64,9 +67,10 @@ def _cli(*arguments: str, env, cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_bundle_trains_and_explains_dicom_series_with_heatmaps_on_their_geometry(tmp_path, subprocess_env):
-    """Datalist images that are DICOM series folders: the teacher trains on them and its heatmaps (NIfTI) carry
-    each series' spacing, orientation and position, as MONAI reads the series."""
+def test_bundle_explains_dicom_series_with_heatmaps_on_their_geometry(tmp_path, brain_teacher):
+    """Datalist images that are DICOM series folders: explain.yaml explains them (the session's tiny teacher) and the
+    heatmaps (NIfTI) carry each series' spacing, orientation and position, as MONAI reads the series (training on
+    DICOM: the 3D main-job test below)."""
     from monai.transforms import LoadImage
 
     from monai_kdx.transforms import case_name
@@ -74,9 +78,10 @@ def test_bundle_trains_and_explains_dicom_series_with_heatmaps_on_their_geometry
     datalist = _own_layout(tmp_path, 3, dicom=True)
     content = json.loads(datalist.read_text())
     assert (datalist.parent / content["test"][0]["image"] / "slice_0000.dcm").is_file()
-    settings = ("--datalist", str(datalist), "--max_epochs", "1", "--patience", "1")
-    bundle_run("brain_mri_3d", ["train_teacher.yaml"], tmp_path, subprocess_env, *settings)
-    bundle_run("brain_mri_3d", ["train_teacher.yaml", "explain.yaml"], tmp_path, subprocess_env, *settings)
+    teacher_folder, env, _ = brain_teacher
+    checkpoint = teacher_folder / "runs" / "models" / "model.pt"
+    settings = ("--datalist", str(datalist), "--ckpt_path", str(checkpoint), "--faithfulness_steps", "2")
+    bundle_run("brain_mri_3d", ["train_teacher.yaml", "explain.yaml"], tmp_path, env, *settings)
     maps = tmp_path / "runs" / "explanations" / "maps"
     for entry in content["test"]:
         series = datalist.parent / entry["image"]
@@ -89,8 +94,8 @@ def test_bundle_trains_and_explains_dicom_series_with_heatmaps_on_their_geometry
 
 @pytest.mark.slow
 def test_run_on_a_users_3d_datalist_picks_the_3d_bundle_and_trains_on_its_files(tmp_path, subprocess_env):
-    """3D up to the teacher (the stages after it run the same code as in 2D, below)."""
-    datalist = _own_layout(tmp_path, 3)
+    """3D DICOM series up to the teacher (the stages after it run the same code as in 2D, below)."""
+    datalist = _own_layout(tmp_path, 3, dicom=True)
     out = tmp_path / "out"
     arguments = ("run", "--datalist", str(datalist), "--quick", "--out", str(out), "--until", "teacher")
     done = _cli(*arguments, env=subprocess_env, cwd=tmp_path)
@@ -152,6 +157,29 @@ def test_run_on_a_users_datalist_gives_the_demos_stages_report_and_runs(tmp_path
         assert model.params["input_shape"] == "(1, 32, 32)"  # logged with the signature and input example
 
 
+@pytest.mark.slow
+def test_run_on_labels_alone_skips_what_needs_masks_and_says_so(tmp_path, subprocess_env):
+    """No gaze, no lesion masks: the saliency stage is skipped, localization is not scored, the report says why."""
+    datalist = _own_layout(tmp_path, 2, n=12, masks=False)
+    out = tmp_path / "out"
+    done = _cli("run", "--datalist", str(datalist), "--quick", "--out", str(out), env=subprocess_env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "saliency: skipped, the datalist has neither gaze heatmaps nor lesion masks" in done.stdout
+    state = json.loads((out / "pipeline.json").read_text())
+    assert "skipped" in state["stages"]["saliency"] and not (out / "saliency").exists()
+    report = (out / "report" / "report.md").read_text()
+    assert "Not run: the saliency stage" in report and "localization is not scored" in report
+    assert "| saliency |" not in report and "the bundle's default" in report
+    rows = {row["model"]: row for row in json.loads((out / "report" / "summary.json").read_text())["rows"]}
+    assert list(rows) == ["teacher", "student", "pruned", "random map"]
+    assert all("pointing_game" not in row and row["deletion_auc"] is not None for row in rows.values())
+    client = MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("chest_xray_2d").experiment_id
+    (explained,) = client.search_runs([experiment], "attributes.run_name = 'explain_student'")
+    assert "pointing_game" not in explained.data.metrics and "deletion_auc" in explained.data.metrics
+    assert len(client.search_registered_models()) == 3
+
+
 def test_bad_datalists_are_refused_in_one_line_before_any_work(tmp_path, capsys):
     datalist = _own_layout(tmp_path, 2, n=12)
     content = json.loads(datalist.read_text())
@@ -167,9 +195,37 @@ def test_bad_datalists_are_refused_in_one_line_before_any_work(tmp_path, capsys)
         assert len(error) == 1 and words in error[0], error
         assert not out.exists()
 
-    no_mask = "test entry 0 (patients/site0/tes000/scan.nii.gz): has no 'mask' (a lesion mask"
+    no_mask = "test entry 0 (patients/site0/tes000/scan.nii.gz): has no 'mask' (a lesion mask, as other entries have"
     refused(lambda c: c["test"][0].pop("mask"), no_mask)
     refused(lambda c: c["training"][0].update(label=7.5), "training entry 0")
     refused(lambda c: c["validation"][0].update(image="patients/nowhere/scan.nii.gz"), "validation entry 0")
     refused(lambda c: None, "its images are 2D, the bundle 'brain_mri_3d' is for 3D data", "--bundle", "brain_mri_3d")
     refused(lambda c: c.pop("test"), "the 'test' section is missing or empty")
+    refused(lambda c: c["training"][0].update(_bigger_scan(datalist.parent, c["training"][0])), "--spatial-size N")
+
+
+def _bigger_scan(root: Path, entry: dict) -> dict:
+    """The entry's scan and mask upsampled to 40 x 40 pixels, as new files: a datalist of two image shapes."""
+    updated = {}
+    for key in ("image", "mask"):
+        source = nib.load(root / entry[key])
+        data = np.kron(np.asarray(source.dataobj)[:20, :20], np.ones((2, 2)))  # 40 x 40
+        path = root / "bigger" / Path(entry[key]).name
+        path.parent.mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(data.astype(source.get_data_dtype()), source.affine), path)
+        updated[key] = str(path.relative_to(root))
+    return updated
+
+
+@pytest.mark.slow
+def test_spatial_size_resamples_a_datalist_of_several_shapes(tmp_path, subprocess_env):
+    datalist = _own_layout(tmp_path, 2, n=12)
+    content = json.loads(datalist.read_text())
+    content["training"][0].update(_bigger_scan(datalist.parent, content["training"][0]))
+    datalist.write_text(json.dumps(content))
+    out = tmp_path / "out"
+    arguments = ("run", "--datalist", str(datalist), "--quick", "--out", str(out), "--until", "teacher")
+    done = _cli(*arguments, "--spatial-size", "32", env=subprocess_env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    state = json.loads((out / "pipeline.json").read_text())
+    assert state["settings"]["overrides"]["resize_to"] == "32" and list(state["stages"]) == ["teacher"]

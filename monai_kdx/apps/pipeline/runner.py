@@ -77,10 +77,11 @@ BUNDLE_FOR_DIMS = {3: "brain_mri_3d", 2: "chest_xray_2d"}
 """The bundle whose configs run a user's datalist, by the images' spatial dimensions."""
 
 
-def check_main_job_datalist(datalist: str | os.PathLike, bundle: str | None = None) -> Any:
+def check_main_job_datalist(datalist: str | os.PathLike, bundle: str | None = None, resized: bool = False) -> Any:
     """Check a user's datalist for the main job before any work, beyond :func:`monai_kdx.data.check_datalist`:
-    one image shape (the bundles batch the images as they are), a lesion mask in every entry (the explanations are
-    chosen and scored against them) and a bundle of the data's dimensionality.
+    one image shape unless the images are ``resized`` (the bundles' ``resize_to``; otherwise they are batched as
+    they are), lesion masks in every entry or in none (with masks, the explanations are chosen and scored against
+    them) and a bundle of the data's dimensionality.
 
     Returns:
         The :class:`monai_kdx.data.DatalistSummary`.
@@ -88,16 +89,20 @@ def check_main_job_datalist(datalist: str | os.PathLike, bundle: str | None = No
     Raises:
         monai_kdx.data.DatalistError: one line naming the datalist and the problem (the entry, where there is one).
     """
-    from monai_kdx.data import DatalistError, check_datalist
+    from monai_kdx.data import DatalistError, check_datalist, load_datalist
 
     sections = ("training", "validation", "test")
-    needed = {"mask": "a lesion mask: the main job chooses and scores the explanations against the masks"}
-    summary = check_datalist(datalist, sections=sections, required=sections, required_keys=needed)
+    try:  # masks in every entry or in none: with one, every entry needs one (a malformed file fails just below)
+        masked = any("mask" in entry for section in sections for entry in load_datalist(datalist, section))
+    except Exception:
+        masked = False
+    needed = {"mask": "a lesion mask, as other entries have: the explanations are scored against the masks"}
+    summary = check_datalist(datalist, sections=sections, required=sections, required_keys=needed if masked else None)
     where = f"datalist {summary.path!r}"
-    if len(summary.spatial_shapes) > 1:
+    if len(summary.spatial_shapes) > 1 and not resized:
         raise DatalistError(
-            f"{where}: images of {len(summary.spatial_shapes)} spatial shapes {summary.spatial_shapes[:3]}: the main "
-            "job batches them as they are; resample them to one shape first."
+            f"{where}: images of {len(summary.spatial_shapes)} spatial shapes {summary.spatial_shapes[:3]}: resample "
+            "them to one side length with --spatial-size N (resize_to=N), or beforehand."
         )
     if bundle is not None and bundle in BUNDLE_FOR_DIMS.values() and BUNDLE_FOR_DIMS[summary.spatial_dims] != bundle:
         raise DatalistError(
@@ -173,7 +178,8 @@ class Pipeline:
         verbose: leave MONAI's and ignite's logs, library warnings and the bundles' bars on the console; by default
             the console shows one line per stage as it starts and ends, a progress bar per training stage and the
             report, and the rest goes to ``<output_dir>/logs/<stage>.log`` (:class:`monai_kdx.apps.console.Console`).
-        overrides: bundle config overrides for every stage (e.g. ``max_epochs=3``).
+        overrides: bundle config overrides for every stage (e.g. ``max_epochs=3``; ``resize_to=N`` resamples every
+            image, mask and gaze map to side length N, so a datalist of several image shapes runs).
 
     Raises:
         ValueError: ``output_dir`` holds a pipeline started with other settings (and ``restart`` is false), or a
@@ -195,13 +201,20 @@ class Pipeline:
         verbose: bool = False,
         **overrides: Any,
     ) -> None:
-        data = None if datalist is None else check_main_job_datalist(datalist, bundle)
+        resized = overrides.get("resize_to") is not None
+        data = None if datalist is None else check_main_job_datalist(datalist, bundle, resized)
         self.stage_overrides: dict[str, dict[str, Any]] = {}
+        self.skipped_stages: dict[str, str] = {}  # stage -> why the data does not allow it
+        self.lesion_masks = data is None or "mask" in data.keys
         if data is not None:
             bundle = bundle or BUNDLE_FOR_DIMS[data.spatial_dims]
             overrides = {**datalist_overrides(data), **overrides}
-            if "gaze" not in data.keys:  # the saliency stage pulls the maps toward the lesion masks instead
+            if "gaze" not in data.keys and self.lesion_masks:  # the saliency pulled toward the lesion masks instead
                 self.stage_overrides["saliency"] = {"saliency_target_key": "mask"}  # read with the images too
+            elif "gaze" not in data.keys:
+                self.skipped_stages["saliency"] = "the datalist has neither gaze heatmaps nor lesion masks to guide it"
+            if not self.lesion_masks:
+                self.stage_overrides["explain"] = {"lesion_masks": False}
         bundle = bundle or "brain_mri_3d"
         bundle_path(bundle)  # an unknown bundle fails here
         if time_budget == "default":
@@ -264,6 +277,11 @@ class Pipeline:
         """An output path, absolute."""
         return os.path.join(self.output_dir, relative)
 
+    @property
+    def models(self) -> list[ModelEntry]:
+        """The models this pipeline trains: those of :data:`MODELS` whose stage the data allows."""
+        return [entry for entry in MODELS if entry.stage not in self.skipped_stages]
+
     # --- settings of the bundle runs ---------------------------------------------------------------
     def bundle_settings(self, stage: str, run_name: str) -> dict[str, Any]:
         """Config overrides of one bundle run of ``stage`` logging to the run named ``run_name``."""
@@ -325,7 +343,7 @@ class Pipeline:
         estimates = {}
         total = sum(BUDGET_SHARES.values())
         for stage in stages:
-            entry = next((entry for entry in MODELS if entry.stage == stage), None)
+            entry = next((entry for entry in self.models if entry.stage == stage), None)
             if entry is None:
                 continue
             estimates[stage] = estimate_epoch_seconds(self.parser(entry.configs, stage), teacher=stage == "distill")
@@ -405,7 +423,8 @@ class Pipeline:
             self.tracker.reopen(self.state["parent_run_id"])
         parent = self.state["parent_run_id"]
         for stage in skipped:
-            self.console.line(f"{stage}: completed earlier (run {self.state['stages'][stage]['run_id']}), skipped")
+            run = self.state["stages"][stage].get("run_id")
+            self.console.line(f"{stage}: completed earlier" + (f" (run {run}), skipped" if run else ", skipped"))
         try:
             for stage in STAGES[first : last + 1]:
                 self._run_stage(stage, parent)
@@ -426,8 +445,14 @@ class Pipeline:
         )
 
     def _run_stage(self, stage: str, parent: str) -> None:
+        if stage in self.skipped_stages:
+            self.console.line(f"{stage}: skipped, {self.skipped_stages[stage]}")
+            self.state["stages"][stage] = {"metrics": {}, "skipped": self.skipped_stages[stage], "outputs": {}}
+            self._save_state()
+            return
         for entry in stage_inputs(stage):  # before any run or file is created
-            check_checkpoint(self.path(entry.checkpoint), stage, f"{entry.description} checkpoint")
+            if entry in self.models:
+                check_checkpoint(self.path(entry.checkpoint), stage, f"{entry.description} checkpoint")
         for relative in stage_outputs(stage):  # never pick up a file this run did not write
             if os.path.isfile(self.path(relative)):
                 os.remove(self.path(relative))
@@ -542,10 +567,13 @@ def _choose_explanation(pipeline: Pipeline) -> dict[str, Any]:
     teacher = pipeline.load_model(model("teacher"))
     parser = pipeline.parser(["train_teacher.yaml", "explain.yaml"])
     transform = parser.get_parsed_content("validate#preprocessing")
+    default = parser.get_parsed_content("explanation_method")
+    if not pipeline.lesion_masks:
+        return {"method": default, "scores": {}, "reason": "the datalist has no lesion masks to choose by"}
     samples = [transform(item) for item in parser.get_parsed_content("validate#dataset").data]
     samples = [sample for sample in samples if float(sample["mask"].sum()) > 0]
     if not samples:
-        return {"method": parser.get_parsed_content("explanation_method"), "scores": {}, "reason": "no lesion"}
+        return {"method": default, "scores": {}, "reason": "no validation case has a lesion to choose by"}
     scores = {}
     for method in EXPLANATION_CANDIDATES:
         explain = HierarchicalExplanationd("image", teacher, mode=method, target_key="label")
@@ -562,15 +590,14 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
     metrics, explain_runs, per_model = {}, {}, {}
     folders = {}
     choice = _choose_explanation(pipeline)
-    pipeline.console.line(
-        f"explain: {choice['method']} maps (the best pointing game of the teacher on the validation split)"
-    )
+    why = choice.get("reason") or "the best pointing game of the teacher on the validation split"
+    pipeline.console.line(f"explain: {choice['method']} maps ({why})")
     names = {method: method.replace("+", "p") for method in choice["scores"]}  # MLflow: no "+" in metric names
     scores = {f"validation_pointing_game/{names[m]}": score["value"] for m, score in choice["scores"].items()}
     pipeline.tracker.log_metrics(run_id, scores)
     pipeline.tracker.client.log_param(run_id, "explanation_method", choice["method"])
     pipeline.tracker.client.log_param(pipeline.state["parent_run_id"], "explanation_method", choice["method"])
-    for entry in MODELS:
+    for entry in pipeline.models:
         child = pipeline.tracker.start_child(run_id, f"explain_{entry.name}", stage="explain")
         folders[entry.name] = pipeline.path(os.path.join("explanations", entry.name))
         # a pruned model comes with its architecture in its file: the base config and the file suffice
@@ -588,8 +615,8 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
         explain_runs[entry.name] = child
         per_model[entry.name] = result.metrics
         metrics.update({f"{entry.name}_{key}": value for key, value in result.metrics.items()})
-    models = {entry.name: pipeline.load_model(entry) for entry in MODELS}
-    training = {entry.name: pipeline.state["stages"].get(entry.stage, {}).get("training", {}) for entry in MODELS}
+    models = {entry.name: pipeline.load_model(entry) for entry in pipeline.models}
+    training = {e.name: pipeline.state["stages"].get(e.stage, {}).get("training", {}) for e in pipeline.models}
     summary, report = write_summary(
         models,
         _test_samples(pipeline, 3),
@@ -608,6 +635,8 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
             if "saliency" in pipeline.stage_overrides
             else ""
         )
+        + "".join(f"\n\nNot run: the {stage} stage, as {why}." for stage, why in pipeline.skipped_stages.items())
+        + ("" if pipeline.lesion_masks else "\n\nThe datalist has no lesion masks: localization is not scored.")
         + f"\n\nMLflow: `{pipeline.tracking_uri}`, experiment `{pipeline.experiment_name}`, parent run "
         f"`{pipeline.state['parent_run_id']}`.",
         method=choice["method"],
@@ -628,12 +657,14 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
         "summary": summary,
         "report": report,
         "explanation": choice,
-        "shown": [f"{entry.name}_pointing_game" for entry in MODELS],
+        "shown": [f"{name}_{'pointing_game' if pipeline.lesion_masks else 'deletion_auc'}" for name in models],
     }
 
 
 def _choice_text(choice: Mapping[str, Any]) -> str:
     """The report's paragraph on which explanation it shows and why."""
+    if not choice["scores"]:
+        return f"The maps are **{choice['method']}**, the bundle's default: {choice['reason']}."
     listed = ", ".join(
         f"{method} {score['value']:.3f} [{score['low']:.2f}, {score['high']:.2f}]"
         for method, score in sorted(choice["scores"].items(), key=lambda item: -item[1]["value"])
@@ -661,13 +692,14 @@ def _test_gaze(pipeline: Pipeline) -> dict[str, tuple[str, Any]]:
 
 
 def _test_samples(pipeline: Pipeline, limit: int) -> list[Mapping[str, Any]]:
-    """Up to ``limit`` test samples with a lesion (image, label, mask), preprocessed as in explain.yaml."""
+    """Up to ``limit`` test samples with a lesion (image, label, mask), preprocessed as in explain.yaml (without lesion
+    masks: the first ones)."""
     parser = pipeline.parser(["train_teacher.yaml", "explain.yaml"])
     transform = parser.get_parsed_content("validate#preprocessing")
     samples = []
     for item in parser.get_parsed_content("test#dataset").data:
         sample = transform(item)
-        if float(sample["mask"].sum()) > 0:
+        if not pipeline.lesion_masks or float(sample["mask"].sum()) > 0:
             samples.append(sample)
         if len(samples) == limit:
             break

@@ -207,8 +207,9 @@ def write_summary(
 
     Args:
         models: name → trained network (evaluated on the CPU, eval mode).
-        samples: test samples with a lesion (``image`` (C, *spatial), ``label``, ``mask``); the first one is drawn
-            in ``hierarchy.png``, all are timed for the explanation time.
+        samples: test samples (``image`` (C, *spatial), ``label``, and ``mask`` when the data has lesion masks: then
+            samples with a lesion); the first one is drawn in ``hierarchy.png``, all are timed for the explanation
+            time.
         folder: where ``report.md``, ``summary.json``, ``summary.png`` and ``hierarchy.png`` go.
         case_tables: name → the explain run's per-case rows (:func:`monai_kdx.handlers.read_case_table`: ``correct``,
             ``cam_pointing_game``, ``cam_random_pointing_game``, ...), for the accuracy, the pointing game and their
@@ -234,7 +235,7 @@ def write_summary(
         raise ValueError("the test split holds no image with a lesion to explain; use more samples.")
     first_table = next(iter(case_tables.values()), [])
     n_test = len(first_table)
-    n_lesion = sum(1 for case in first_table if np.isfinite(case["cam_pointing_game"]))
+    n_lesion = sum(1 for case in first_table if np.isfinite(case.get("cam_pointing_game", np.nan)))
     os.makedirs(folder, exist_ok=True)
     agreement = agreement_matrix(explanation_folders)
     first = samples[0]["image"].as_tensor()[None].float()
@@ -276,7 +277,8 @@ def write_summary(
                 scores = gaze_scores(explanation_folders[name], gaze)
                 _with_interval(row, "gaze_kl", scores["kl"])
                 _with_interval(row, "gaze_nss", scores["nss"])
-            _with_interval(row, "pointing_game", [case["cam_pointing_game"] for case in cases])
+            if n_lesion:  # localization only where there are lesion masks
+                _with_interval(row, "pointing_game", [case["cam_pointing_game"] for case in cases])
             for other in ("teacher", "student"):
                 _with_interval(row, f"agreement_{other}", agreement.get((name, other), []))
             rows.append(row)
@@ -285,11 +287,12 @@ def write_summary(
     reference = next(iter(case_tables.values()), [])  # the random map of the same cases (seeded: one map a case)
     random_row: dict[str, Any] = {
         "model": RANDOM_ROW,
-        "relevance_mass": float(np.nanmean([case["cam_random_relevance_mass"] for case in reference] or [np.nan])),
         "deletion_auc": next(iter(explain_metrics.values()), {}).get("random_deletion_auc"),
         "insertion_auc": next(iter(explain_metrics.values()), {}).get("random_insertion_auc"),
     }
-    _with_interval(random_row, "pointing_game", [case["cam_random_pointing_game"] for case in reference])
+    if n_lesion:
+        random_row["relevance_mass"] = float(np.nanmean([case["cam_random_relevance_mass"] for case in reference]))
+        _with_interval(random_row, "pointing_game", [case["cam_random_pointing_game"] for case in reference])
     rows.append(random_row)
     paths = {
         "markdown": os.path.join(folder, "report.md"),
@@ -298,7 +301,7 @@ def write_summary(
         "hierarchy": os.path.join(folder, "hierarchy.png"),
     }
     image = samples[0]["image"].as_tensor()[0].numpy()
-    mask = np.asarray(samples[0]["mask"])[0] > 0
+    mask = np.asarray(samples[0]["mask"])[0] > 0 if "mask" in samples[0] else np.zeros(image.shape, bool)
     _hierarchy_figure(image, mask, hierarchy, paths["hierarchy"])
     modelled = [row for row in rows if row["model"] != RANDOM_ROW]
     names = [row["model"] for row in modelled]
@@ -320,10 +323,15 @@ def write_summary(
         f"- {pair}: {value['value']:.3f} [{value['low']:.2f}, {value['high']:.2f}] over {value['n']} cases"
         for pair, value in sorted(pairs.items())
     )
+    localization = (
+        f"localization against the lesion masks ({n_lesion} test cases with a lesion)"
+        if n_lesion
+        else "no localization (no lesion masks)"
+    )
     text = f"""# {title}
 
 The explanation is {method}: its maps are what the scores below measure. Latency and explanation time on one CPU
-thread, batch of one; localization against the lesion masks ({n_lesion} test cases with a lesion); faithfulness by
+thread, batch of one; {localization}; faithfulness by
 deletion/insertion of the most relevant voxels; agreement is the mean Pearson correlation of two models' maps.
 Accuracy over {n_test} test cases. In brackets: 95% bootstrap intervals. The "{RANDOM_ROW}" row scores a uniform
 random map of the same cases: the chance level. "epochs (stopped by)": how many epochs the model's training ran and
