@@ -37,7 +37,8 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-TINY = ["--n_samples", "12", "--spatial_size", "32", "--max_epochs", "2", "--patience", "2", "--batch_size", "4"]
+TINY = ["--n_samples", "12", "--spatial_size", "32", "--max_epochs", "2", "--patience", "2", "--batch_size", "4",
+        "--faithfulness_steps", "4"]  # fmt: skip
 
 
 def bundle_run(

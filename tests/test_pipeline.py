@@ -69,13 +69,13 @@ def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_en
     assert "RuntimeError: simulated crash" in (out / "logs" / "prune.log").read_text()  # the traceback is logged
     assert list(json.loads((out / "pipeline.json").read_text())["stages"]) == ["teacher", "distill"]
 
-    # 3. the CLI resumes: teacher and distill are not redone, prune runs again, everything completes
-    resumed = _cli("demo", "--quick", "--out", str(out), env=subprocess_env, cwd=tmp_path)
+    # 3. the CLI resumes: teacher and distill are not redone, prune runs again (the later stages: the server test)
+    resumed = _cli("demo", "--quick", "--out", str(out), "--until", "prune", env=subprocess_env, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "teacher: completed earlier" in resumed.stdout and "distill: completed earlier" in resumed.stdout
     assert {p: os.stat(out / p).st_mtime_ns for p in kept} == kept
     final = json.loads((out / "pipeline.json").read_text())
-    assert list(final["stages"]) == list(runner.STAGES)
+    assert list(final["stages"]) == ["teacher", "distill", "prune"]
     assert final["parent_run_id"] == state["parent_run_id"]
     assert {s: final["stages"][s]["run_id"] for s in ("teacher", "distill")} == {
         s: state["stages"][s]["run_id"] for s in ("teacher", "distill")
@@ -84,12 +84,10 @@ def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_en
     # MLflow: one parent, one finished child per stage, the crashed attempt kept as a failed run
     parent = state["parent_run_id"]
     children = {run.info.run_name: run for run in Tracker(uri).child_runs(parent)}
-    assert {"teacher", "distill", "prune", "saliency", "explain", "prune (failed)"} == set(children)
+    assert {"teacher", "distill", "prune", "prune (failed)"} == set(children)
     assert children["prune (failed)"].info.status == "FAILED"
-    assert all(children[s].info.status == "FINISHED" for s in runner.STAGES)
+    assert all(children[s].info.status == "FINISHED" for s in ("teacher", "distill", "prune"))
     assert len(_runs_named(uri, "teacher")) == 1 and len(_runs_named(uri, "distill")) == 1
-    explain_runs = {run.info.run_name for run in Tracker(uri).child_runs(children["explain"].info.run_id)}
-    assert explain_runs == {"explain_teacher", "explain_student", "explain_pruned", "explain_saliency"}
     assert MlflowClient(uri).get_run(parent).info.status == "FINISHED"
 
     # everything a stage produced is in its child run
@@ -109,24 +107,12 @@ def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_en
     report = json.loads((out / "pruned" / "model_pruned_report.json").read_text())
     assert report["method"] == "lrp" and report["steps"][0]["accepted"] and report["widths"]
     assert prune["metrics"]["prune_params"] < prune["metrics"]["prune_params_before"]
-    explained = run_summary(uri, _runs_named(uri, "explain_pruned")[0])
-    assert any(a.endswith("_cam.nii.gz") for a in explained["artifacts"])
-    # outputs are named after the cases' paths in the dataset folder
-    names = set(os.listdir(out / "explanations" / "pruned" / "maps"))
-    case = next(name[: -len("_cam.nii.gz")] for name in names if name.endswith("_cam.nii.gz"))
-    assert case.startswith("images__case_") and f"{case}_levels.nii.gz" in names
-    assert f"figures/{case}_cam.png" in explained["artifacts"] and f"maps/{case}_cam.nii.gz" in explained["artifacts"]
-    assert {"pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"} <= set(explained["metrics"])
     parent_summary = run_summary(uri, parent)
-    assert {"report/report.md", "report/summary.png", "report/hierarchy.png"} <= set(parent_summary["artifacts"])
-    # the parent run: what defines the job, the stages' times and the four models' comparison, each under one name
-    assert parent_summary["metrics"]["student/test_accuracy"] == pytest.approx(distill["metrics"]["test_accuracy"])
-    assert {f"seconds/{stage}" for stage in runner.STAGES} <= set(parent_summary["metrics"])
-    assert not [key for key in parent_summary["metrics"] if key.startswith(("prune_", "explain_", "distill_"))]
+    # the parent run: what defines the job and the stages' times, each under one name (no stage's metrics copied)
+    assert {f"seconds/{stage}" for stage in ("teacher", "distill", "prune")} == set(parent_summary["metrics"])
     params = parent_summary["params"]
     assert params["teacher_network"] == "DenseNet121" and params["student_network"] == "ShallowCNN"
-    assert params["data"] == "generated brain-mri-3d" and params["explanation_method"] in runner.EXPLANATION_CANDIDATES
-    assert run_summary(uri, _runs_named(uri, "explain_student")[0])["params"]["network"] == "ShallowCNN"
+    assert params["data"] == "generated brain-mri-3d" and params["n_samples"] == "16"
 
     # the registered pruned student loads back (no pickled module) and predicts like the pruned file
     assert "registered model: models:/brain_mri_3d_student_pruned/1" in resumed.stdout
@@ -135,24 +121,6 @@ def test_demo_interrupted_then_resumed_tracks_everything(tmp_path, subprocess_en
     reference = load_pruned(out / "pruned" / "model_pruned.pt").eval()
     with torch.no_grad():
         np.testing.assert_allclose(model.predict(x.numpy()), torch.softmax(reference(x), 1).numpy(), atol=1e-5)
-
-    # the summary: four models, the pruned one smallest, values measured (finite), the table printed
-    rows = {row["model"]: row for row in json.loads((out / "report" / "summary.json").read_text())["rows"]}
-    assert list(rows) == ["teacher", "student", "pruned", "saliency", "random map"]
-    models = ("teacher", "student", "pruned", "saliency")
-    assert rows["pruned"]["params"] < rows["student"]["params"] < rows["teacher"]["params"]
-    assert rows["pruned"]["macs_m"] < rows["student"]["macs_m"] < rows["teacher"]["macs_m"]
-    assert all(np.isfinite(rows[m]["latency_ms"]) and rows[m]["explain_ms"] > 0 for m in models)
-    assert all(-1 <= rows[m]["agreement_teacher"] <= 1 for m in ("student", "pruned", "saliency"))
-    # every accuracy, pointing game and agreement with its 95% bootstrap interval and the cases behind it
-    for m in models:
-        for key in ("test_accuracy", "pointing_game"):
-            assert rows[m][f"{key}_low"] <= rows[m][key] <= rows[m][f"{key}_high"] and rows[m][f"{key}_n"] > 0
-        assert rows[m]["training"].split()[1] in ("(plateau)", "(cap)", "(budget)")
-    assert rows["student"]["agreement_teacher_n"] == rows["teacher"]["test_accuracy_n"]  # every test case
-    assert 0 <= rows["random map"]["pointing_game"] <= 1 and "random map" in (out / "report" / "report.md").read_text()
-    assert "| pruned |" in resumed.stdout
-    assert (out / "report" / "hierarchy.png").stat().st_size > 10_000
 
     # 4. a stage's output changed since it completed (checksums in pipeline.json): that stage runs again
     (out / "student" / "model.pt").write_bytes(b"truncated")
@@ -246,25 +214,86 @@ def _healthy(url: str) -> bool:
 
 
 @pytest.mark.slow
-def test_pipeline_stages_against_a_real_mlflow_server(mlflow_server, subprocess_env):
+def test_a_finished_main_job_read_back_through_a_real_mlflow_server(mlflow_server, subprocess_env):
+    """The whole quick job logged to a real `mlflow server` and read back over REST: the runs and their params, one
+    name per metric, artifacts stored by the server, the four registered models with their signatures."""
+    import mlflow.artifacts
+    import yaml
+
     url, tmp_path = mlflow_server
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "monai_kdx.cli", "demo", "--quick", "--out", str(out), "--until", "distill",
-         "--tracking-uri", url],
+        [sys.executable, "-m", "monai_kdx.cli", "demo", "--quick", "--out", str(out), "--tracking-uri", url],
         capture_output=True, text=True, env=subprocess_env, cwd=tmp_path, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert not (out / "mlruns.db").exists()  # nothing went to the local default store
+    assert not (out / "mlruns.db").exists() and not (tmp_path / "mlruns").exists()  # nothing stored locally
     state = json.loads((out / "pipeline.json").read_text())
+    parent = run_summary(url, state["parent_run_id"])
     children = {run.info.run_name: run for run in Tracker(url).child_runs(state["parent_run_id"])}
-    assert set(children) == {"teacher", "distill"}
+    assert set(children) == set(runner.STAGES)
     assert all(run.data.tags[PARENT_TAG] == state["parent_run_id"] for run in children.values())
-    distill = run_summary(url, children["distill"])
-    assert distill["metrics"]["test_accuracy"] == state["stages"]["distill"]["metrics"]["test_accuracy"]
-    assert {"model.pt", "test_predictions.csv"} <= set(distill["artifacts"])
-    assert "MLmodel" in distill["models"]["student_model"]["artifacts"]
-    assert distill["artifact_uri"].startswith("mlflow-artifacts:")  # stored by the server, not locally
+    runs = {name: run_summary(url, run) for name, run in children.items()}
+    assert all(run["artifact_uri"].startswith("mlflow-artifacts:") for run in [parent, *runs.values()])
+    assert any((tmp_path / "server-artifacts").rglob("report.md"))  # the server's artifact store holds them
+
+    # params: what defines each run
+    assert parent["params"]["student_network"] == "ShallowCNN" and parent["params"]["bundle"] == "brain_mri_3d"
+    distill_params = runs["distill"]["params"]
+    assert distill_params["student"] == "ShallowCNN" and distill_params["teacher"] == "DenseNet121"
+    assert runs["teacher"]["params"]["network"] == "DenseNet121" and "max_epochs" in runs["teacher"]["params"]
+    # one name per quantity: no stage's metrics copied under a prefix into the parent or the explain run
+    assert not [key for key in parent["metrics"] if key.startswith(tuple(f"{stage}_" for stage in runner.STAGES))]
+    assert all("/" in key for key in parent["metrics"])  # seconds/<stage>, <model>/<quantity>
+    explain_keys = set(runs["explain"]["metrics"])  # its own: the candidates' validation pointing game
+    assert explain_keys and all(key.startswith("validation_pointing_game/") for key in explain_keys)
+    assert parent["metrics"]["student/test_accuracy"] == pytest.approx(runs["distill"]["metrics"]["test_accuracy"])
+
+    # the four registered models: logged models of their runs, with a signature and an input example
+    client = MlflowClient(url)
+    versions = {version.name: version for version in client.search_model_versions()}
+    stages = {"teacher": "teacher", "student": "distill", "student_pruned": "prune", "student_saliency": "saliency"}
+    assert set(versions) == {f"brain_mri_3d_{name}" for name in stages}
+    for name, stage in stages.items():
+        version = versions[f"brain_mri_3d_{name}"]
+        assert version.run_id == children[stage].info.run_id and version.description
+        logged = client.get_logged_model(version.source.removeprefix("models:/"))
+        meta = mlflow.artifacts.download_artifacts(f"{logged.artifact_location}/MLmodel", tracking_uri=url)
+        with open(meta) as stream:
+            model_meta = yaml.safe_load(stream)
+        assert "tensor" in model_meta["signature"]["inputs"] and model_meta["saved_input_example_info"]
+    # the explain stage: one child run per model, maps and figures named after the cases
+    explain_children = {run.info.run_name: run for run in Tracker(url).child_runs(children["explain"].info.run_id)}
+    assert set(explain_children) == {"explain_teacher", "explain_student", "explain_pruned", "explain_saliency"}
+    assert run_summary(url, explain_children["explain_student"])["params"]["network"] == "ShallowCNN"
+    assert parent["params"]["explanation_method"] in runner.EXPLANATION_CANDIDATES
+    assert {"report/report.md", "report/summary.png", "report/hierarchy.png"} <= set(parent["artifacts"])
+    explained = run_summary(url, explain_children["explain_pruned"])
+    assert any(a.endswith("_cam.nii.gz") for a in explained["artifacts"])
+    # outputs are named after the cases' paths in the dataset folder
+    names = set(os.listdir(out / "explanations" / "pruned" / "maps"))
+    case = next(name[: -len("_cam.nii.gz")] for name in names if name.endswith("_cam.nii.gz"))
+    assert case.startswith("images__case_") and f"{case}_levels.nii.gz" in names
+    assert f"figures/{case}_cam.png" in explained["artifacts"] and f"maps/{case}_cam.nii.gz" in explained["artifacts"]
+    assert {"pointing_game", "relevance_mass", "deletion_auc", "insertion_auc"} <= set(explained["metrics"])
+    # the summary: four models, the pruned one smallest, values measured (finite), the table printed
+    rows = {row["model"]: row for row in json.loads((out / "report" / "summary.json").read_text())["rows"]}
+    assert list(rows) == ["teacher", "student", "pruned", "saliency", "random map"]
+    models = ("teacher", "student", "pruned", "saliency")
+    assert rows["pruned"]["params"] < rows["student"]["params"] < rows["teacher"]["params"]
+    assert rows["pruned"]["macs_m"] < rows["student"]["macs_m"] < rows["teacher"]["macs_m"]
+    assert all(np.isfinite(rows[m]["latency_ms"]) and rows[m]["explain_ms"] > 0 for m in models)
+    assert all(-1 <= rows[m]["agreement_teacher"] <= 1 for m in ("student", "pruned", "saliency"))
+    # every accuracy, pointing game and agreement with its 95% bootstrap interval and the cases behind it
+    for m in models:
+        for key in ("test_accuracy", "pointing_game"):
+            assert rows[m][f"{key}_low"] <= rows[m][key] <= rows[m][f"{key}_high"] and rows[m][f"{key}_n"] > 0
+        assert rows[m]["training"].split()[1] in ("(plateau)", "(cap)", "(budget)")
+    assert rows["student"]["agreement_teacher_n"] == rows["teacher"]["test_accuracy_n"]  # every test case
+    assert 0 <= rows["random map"]["pointing_game"] <= 1 and "random map" in (out / "report" / "report.md").read_text()
+    assert "| pruned |" in result.stdout
+    assert (out / "report" / "hierarchy.png").stat().st_size > 10_000
+
     # the registered student, downloaded over HTTP, predicts like the best checkpoint
     model = load_classifier("models:/brain_mri_3d_student/1", url)
     from monai_kdx.networks import load_weights

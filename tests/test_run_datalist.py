@@ -158,12 +158,20 @@ def test_run_on_a_users_datalist_gives_the_demos_stages_report_and_runs(tmp_path
 
 
 @pytest.mark.slow
-def test_run_on_labels_alone_skips_what_needs_masks_and_says_so(tmp_path, subprocess_env):
-    """No gaze, no lesion masks: the saliency stage is skipped, localization is not scored, the report says why."""
+def test_run_on_labels_alone_of_several_shapes_skips_what_needs_masks_and_says_so(tmp_path, subprocess_env):
+    """No gaze, no lesion masks, images of two shapes: --spatial-size resamples them, the saliency stage is skipped,
+    localization is not scored, the report says why."""
     datalist = _own_layout(tmp_path, 2, n=12, masks=False)
+    content = json.loads(datalist.read_text())
+    content["training"][0].update(_bigger_scan(datalist.parent, content["training"][0], ("image",)))
+    datalist.write_text(json.dumps(content))
     out = tmp_path / "out"
-    done = _cli("run", "--datalist", str(datalist), "--quick", "--out", str(out), env=subprocess_env, cwd=tmp_path)
+    arguments = ("run", "--datalist", str(datalist), "--quick", "--out", str(out), "--spatial-size", "32")
+    assert main(arguments[:-2]) == 2  # two shapes: refused without --spatial-size, before any work
+    assert not out.exists()
+    done = _cli(*arguments, env=subprocess_env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((out / "pipeline.json").read_text())["settings"]["overrides"]["resize_to"] == "32"
     assert "saliency: skipped, the datalist has neither gaze heatmaps nor lesion masks" in done.stdout
     state = json.loads((out / "pipeline.json").read_text())
     assert "skipped" in state["stages"]["saliency"] and not (out / "saliency").exists()
@@ -204,10 +212,10 @@ def test_bad_datalists_are_refused_in_one_line_before_any_work(tmp_path, capsys)
     refused(lambda c: c["training"][0].update(_bigger_scan(datalist.parent, c["training"][0])), "--spatial-size N")
 
 
-def _bigger_scan(root: Path, entry: dict) -> dict:
+def _bigger_scan(root: Path, entry: dict, keys: tuple[str, ...] = ("image", "mask")) -> dict:
     """The entry's scan and mask upsampled to 40 x 40 pixels, as new files: a datalist of two image shapes."""
     updated = {}
-    for key in ("image", "mask"):
+    for key in keys:
         source = nib.load(root / entry[key])
         data = np.kron(np.asarray(source.dataobj)[:20, :20], np.ones((2, 2)))  # 40 x 40
         path = root / "bigger" / Path(entry[key]).name
@@ -215,17 +223,3 @@ def _bigger_scan(root: Path, entry: dict) -> dict:
         nib.save(nib.Nifti1Image(data.astype(source.get_data_dtype()), source.affine), path)
         updated[key] = str(path.relative_to(root))
     return updated
-
-
-@pytest.mark.slow
-def test_spatial_size_resamples_a_datalist_of_several_shapes(tmp_path, subprocess_env):
-    datalist = _own_layout(tmp_path, 2, n=12)
-    content = json.loads(datalist.read_text())
-    content["training"][0].update(_bigger_scan(datalist.parent, content["training"][0]))
-    datalist.write_text(json.dumps(content))
-    out = tmp_path / "out"
-    arguments = ("run", "--datalist", str(datalist), "--quick", "--out", str(out), "--until", "teacher")
-    done = _cli(*arguments, "--spatial-size", "32", env=subprocess_env, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    state = json.loads((out / "pipeline.json").read_text())
-    assert state["settings"]["overrides"]["resize_to"] == "32" and list(state["stages"]) == ["teacher"]
