@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pydicom
 import pytest
@@ -36,7 +38,7 @@ def test_a_datalist_of_series_folders_is_checked_like_files(tmp_path):
         write_dicom_series(rng.random((8, 8, 6)), tmp_path / f"p{index}" / "t1")
         entries.append({"image": f"p{index}/t1", "label": index})
     datalist = tmp_path / "datalist.json"
-    datalist.write_text(__import__("json").dumps({"training": entries}))
+    datalist.write_text(json.dumps({"training": entries}))
     summary = check_datalist(datalist, sections=("training",), required=("training",))
     assert summary.spatial_dims == 3 and summary.spatial_shapes == [(8, 8, 6)] and summary.num_classes == 2
 
@@ -49,3 +51,18 @@ def test_bad_volumes_and_a_used_folder_are_refused(tmp_path):
     write_dicom_series(np.zeros((4, 4, 2)), tmp_path / "c")
     with pytest.raises(ValueError, match="already holds a DICOM series"):
         write_dicom_series(np.ones((4, 4, 2)), tmp_path / "c")
+
+
+def test_a_folder_without_a_series_is_named_in_one_line(tmp_path):
+    from monai_kdx.data import DatalistError
+
+    write_dicom_series(np.zeros((8, 8, 4)), tmp_path / "good")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not a slice")
+    for folder, words in (("empty", "is an empty folder"), ("junk", "no DICOM series in the folder")):
+        entries = [{"image": "good", "label": 0}, {"image": folder, "label": 1}]
+        datalist = tmp_path / f"{folder}.json"
+        datalist.write_text(json.dumps({"training": entries}))
+        with pytest.raises(DatalistError, match=f"training entry 1 \\({folder}\\).*{words}"):
+            check_datalist(datalist, sections=("training",), required=("training",))

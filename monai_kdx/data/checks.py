@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,9 +80,15 @@ def read_image_shape(path: str | os.PathLike, load: bool = True) -> tuple[int, .
             return (1, *shape) if len(shape) <= 3 else (shape[-1], *shape[:-1])
         from monai.transforms import LoadImage
 
-        return tuple(int(s) for s in LoadImage(image_only=True, ensure_channel_first=True)(str(path)).shape)
+        if path.is_dir() and not any(item.is_file() for item in path.iterdir()):
+            raise ValueError("it is an empty folder; a DICOM series folder holds one file per slice")
+        with warnings.catch_warnings():  # MONAI warns for every file a reader skips: the error below says it once
+            warnings.simplefilter("ignore")
+            return tuple(int(s) for s in LoadImage(image_only=True, ensure_channel_first=True)(str(path)).shape)
     except Exception as error:  # nibabel/zlib/MONAI reader errors: the file is unreadable
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if path.is_dir() and not isinstance(error, ValueError):
+            reason = f"no DICOM series in the folder: {reason}"
         raise ValueError(f"{str(path)!r} cannot be read ({reason})") from error
 
 
