@@ -10,6 +10,8 @@
   image on 2D and 3D data; writes ``report.md``, ``report.png`` and ``report.json``.
 - ``monai-kdx bundle list`` / ``monai-kdx bundle export NAME DIR``: the MONAI bundles shipped in the package; copy
   one out as a plain bundle folder to edit and run with ``python -m monai.bundle run``.
+- ``monai-kdx bundle run NAME CONFIG... --out DIR [--set KEY=VALUE ...] [--verbose]``: run packaged configs with the
+  main job's console (stage lines, a training bar, logs in ``DIR/logs``, one-line errors).
 """
 
 from __future__ import annotations
@@ -121,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("name", help="bundle name (see: monai-kdx bundle list)")
     export.add_argument("dir", help="the new bundle folder (must not exist, or be empty)")
+    run_one = bundle_commands.add_parser(
+        "run",
+        help="run packaged bundle configs (as python -m monai.bundle run) with the main job's console: one line as it "
+        "starts and ends, a progress bar while it trains, MONAI's logs in OUT/logs/<name>.log",
+    )
+    run_one.add_argument("name", help="bundle name (see: monai-kdx bundle list)")
+    run_one.add_argument("configs", nargs="+", help="config files of the bundle, laid on each other in order")
+    run_one.add_argument("--out", required=True, help="output folder (checkpoints, data, MLflow store, logs)")
+    run_one.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a config override, repeatable (VALUE read as YAML, e.g. --set max_epochs=3)",
+    )  # fmt: skip
+    run_one.add_argument("--verbose", action="store_true", help="MONAI's logs on the console too")
     return parser
 
 
@@ -129,6 +144,8 @@ def _bundle(args: argparse.Namespace) -> int:
 
     from monai_kdx.apps.pipeline import BUNDLES_DIR, available_bundles, bundle_path, export_bundle
 
+    if args.bundle_command == "run":
+        return _bundle_run(args)
     if args.bundle_command == "list":
         for name in available_bundles():
             meta = json.loads((bundle_path(name) / "configs" / "metadata.json").read_text())
@@ -143,6 +160,58 @@ def _bundle(args: argparse.Namespace) -> int:
         f"/metadata.json --filepath {BUNDLES_DIR / 'meta_schema.json'}"
     )
     return 0
+
+
+def _bundle_run(args: argparse.Namespace) -> int:
+    """``monai-kdx bundle run``: a packaged bundle's configs through :func:`run_bundle`, with a :class:`Console`."""
+    import yaml
+
+    from monai_kdx.apps.console import Console, key_metrics
+    from monai_kdx.apps.pipeline import bundle_path, run_bundle
+
+    root = bundle_path(args.name)  # an unknown bundle fails here, listing the available ones
+    for config in args.configs:
+        if not (root / "configs" / config).is_file():
+            raise FileNotFoundError(f"bundle {args.name!r} has no config {config!r}; see {root / 'configs'}.")
+    out = os.path.abspath(args.out)
+    overrides = {"output_dir": out, "dataset_dir": os.path.join(out, "data")}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: write KEY=VALUE.")
+        overrides[key] = yaml.safe_load(value)
+    training = "train_teacher.yaml" in args.configs[-1:] or not {"evaluate.yaml", "explain.yaml"} & set(args.configs)
+    engines = ["train#trainer", "validate#evaluator"] if training else ["evaluator"]
+    name = os.path.splitext(args.configs[-1])[0]
+    console = Console(os.path.join(args.out, "logs"), verbose=args.verbose)
+    if not args.verbose:
+        _quiet_environment()
+    console.line(f"{args.name} {' + '.join(args.configs)}: running (log: {console.shown_path(name)})")
+    try:
+        with console.capture(name):
+            result = run_bundle(
+                args.name, list(args.configs), engines,
+                on_initialized=console.training_progress(name) if training else None, **overrides,
+            )  # fmt: skip
+    except Exception as error:
+        root_error = _root_cause(error)
+        message = (str(root_error).strip().splitlines() or [""])[0]
+        print(
+            f"monai-kdx bundle run: error: {type(root_error).__name__}: {message} (traceback: {console.failed_log})",
+            file=sys.stderr,
+        )
+        return 1
+    shown = key_metrics(result.metrics, None, [key for key in result.metrics if key.endswith("accuracy")])
+    console.line(f"{name}: done in {result.seconds:.0f} s" + (f" · {shown}" if shown else ""))
+    console.line(f"MLflow: {result.tracking_uri}, experiment {result.experiment_name!r}, run {result.run_name!r}")
+    return 0
+
+
+def _quiet_environment() -> None:
+    """Notices about the environment, not the data, stay off the console."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # database set-up
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # no GPU DICOM decoder
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 
 def _make_dataset(args: argparse.Namespace) -> int:
@@ -169,10 +238,8 @@ def _demo(args: argparse.Namespace) -> int:
         overrides["spatial_size"] = args.spatial_size
         if args.command == "run":
             overrides["resize_to"] = args.spatial_size
-    if not args.verbose:  # notices about the environment, not the data, stay off the console
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # database set-up
-        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)  # no GPU DICOM decoder
-        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+    if not args.verbose:
+        _quiet_environment()
     pipeline = Pipeline(
         args.out,
         bundle=args.bundle,

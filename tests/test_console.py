@@ -141,3 +141,28 @@ def test_a_failing_stage_is_one_line_naming_its_log(tmp_path, monkeypatch, capsy
     assert "library chatter" not in captured.out
     text = log.read_text()
     assert "library chatter" in text and "ConfigExpression" in text and "and a second line" in text
+
+
+TINY_2D = ["--set", "n_samples=12", "--set", "spatial_size=32", "--set", "max_epochs=1", "--set", "patience=1"]
+
+
+@pytest.mark.slow
+def test_bundle_run_has_the_main_jobs_console_and_one_line_errors(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["bundle", "run", "chest_xray_2d", "train_teacher.yaml", "--out", str(out), *TINY_2D]) == 0
+    printed = capsys.readouterr().out.replace("\r", "\n").split("\n")
+    shown = [line for line in printed if line.strip() and "%|" not in line]  # less the bar's redraws
+    assert shown[0].startswith("chest_xray_2d train_teacher.yaml: running") and len(shown) == 3, shown
+    assert shown[1].startswith("train_teacher: done in ") and "val_accuracy" in shown[1]
+    assert "SupervisedTrainer - INFO" in (out / "logs" / "train_teacher.log").read_text()
+    assert (out / "models" / "model.pt").is_file() and (out / "data" / "datalist.json").is_file()
+
+    # a bad setting found by the bundle itself: one line, its root cause and the log
+    assert cli.main(["bundle", "run", "chest_xray_2d", "train_teacher.yaml", "--out", str(out), *TINY_2D,
+                     "--set", "patience=5"]) == 1  # fmt: skip
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "ValueError: patience 5 is larger than the epoch cap" in error[0]
+    assert error[0].endswith(f"(traceback: {out / 'logs' / 'train_teacher.log'})")
+    # bad input before any work: exit 2, one line
+    assert cli.main(["bundle", "run", "chest_xray_2d", "nope.yaml", "--out", str(tmp_path / "other")]) == 2
+    assert "has no config 'nope.yaml'" in capsys.readouterr().err and not (tmp_path / "other").exists()
