@@ -180,7 +180,7 @@ def _bundle_run(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ValueError(f"--set {item!r}: write KEY=VALUE.")
         overrides[key] = yaml.safe_load(value)
-    training = "train_teacher.yaml" in args.configs[-1:] or not {"evaluate.yaml", "explain.yaml"} & set(args.configs)
+    training = not {"evaluate.yaml", "explain.yaml"} & set(args.configs)  # else the configs run an evaluator
     engines = ["train#trainer", "validate#evaluator"] if training else ["evaluator"]
     name = os.path.splitext(args.configs[-1])[0]
     console = Console(os.path.join(args.out, "logs"), verbose=args.verbose)
@@ -194,13 +194,7 @@ def _bundle_run(args: argparse.Namespace) -> int:
                 on_initialized=console.training_progress(name) if training else None, **overrides,
             )  # fmt: skip
     except Exception as error:
-        root_error = _root_cause(error)
-        message = (str(root_error).strip().splitlines() or [""])[0]
-        print(
-            f"monai-kdx bundle run: error: {type(root_error).__name__}: {message} (traceback: {console.failed_log})",
-            file=sys.stderr,
-        )
-        return 1
+        return _failed("bundle run", error, console.failed_log)
     shown = key_metrics(result.metrics, None, [key for key in result.metrics if key.endswith("accuracy")])
     console.line(f"{name}: done in {result.seconds:.0f} s" + (f" · {shown}" if shown else ""))
     console.line(f"MLflow: {result.tracking_uri}, experiment {result.experiment_name!r}, run {result.run_name!r}")
@@ -259,10 +253,7 @@ def _demo(args: argparse.Namespace) -> int:
         in_stage = log is not None and log != pipeline.console.log_path("pipeline")
         if not in_stage and isinstance(error, (ValueError, KeyError, OSError)):
             raise  # bad input, found before any stage ran: main() prints it in one line
-        root = _root_cause(error)  # e.g. what failed inside MONAI's "Failed to evaluate ConfigExpression"
-        message = (str(root).strip().splitlines() or [""])[0]
-        print(f"monai-kdx {args.command}: error: {type(root).__name__}: {message} (traceback: {log})", file=sys.stderr)
-        return 1
+        return _failed(args.command, error, log)
     if result.summary:
         print()
         print(summary_markdown(result.summary))
@@ -276,6 +267,15 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"MLflow: experiment {result.experiment_name!r}, parent run {result.parent_run_id}; open it with:")
     print(f"  mlflow ui --backend-store-uri {result.tracking_uri}")
     return 0
+
+
+def _failed(command: str, error: BaseException, log: str | None) -> int:
+    """Print one line for an error raised while work ran: its root cause (e.g. what failed inside MONAI's "Failed to
+    evaluate ConfigExpression") and the log holding the traceback; the exit code 1."""
+    root = _root_cause(error)
+    message = (str(root).strip().splitlines() or [""])[0]
+    print(f"monai-kdx {command}: error: {type(root).__name__}: {message} (traceback: {log})", file=sys.stderr)
+    return 1
 
 
 def _root_cause(error: BaseException) -> BaseException:

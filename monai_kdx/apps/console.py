@@ -192,7 +192,6 @@ class Console:
         self.verbose = verbose
         self.stream = stream if stream is not None else sys.stdout
         self.failed_log: str | None = None
-        self._start = time.perf_counter()
 
     def line(self, text: str) -> None:
         """Print one line on the console (flushed at once)."""

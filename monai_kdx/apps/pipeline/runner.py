@@ -94,7 +94,7 @@ def check_main_job_datalist(datalist: str | os.PathLike, bundle: str | None = No
     sections = ("training", "validation", "test")
     try:  # masks in every entry or in none: with one, every entry needs one (a malformed file fails just below)
         masked = any("mask" in entry for section in sections for entry in load_datalist(datalist, section))
-    except Exception:
+    except (OSError, ValueError, TypeError):  # load_datalist's errors; check_datalist names them in one line
         masked = False
     needed = {"mask": "a lesion mask, as other entries have: the explanations are scored against the masks"}
     summary = check_datalist(datalist, sections=sections, required=sections, required_keys=needed if masked else None)
