@@ -198,8 +198,7 @@ BUNDLE_DIFFERENCES = {
     },
     "distill.yaml": {
         "loss_keys#4", "explanation_weight", "distill_loss#weights#explanation", "tracked_params#explanation_weight",
-        *(f"distill_loss#terms#explanation#{key}" for key in ("_target_", "mode")),
-        *(f"distill_loss#terms#explanation#{key}#{i}" for key in ("student_layers", "teacher_layers") for i in (0, 1)),
+        *(f"distill_loss#terms#explanation#{key}" for key in ("_target_", "mode", "student_layers", "teacher_layers")),
     },
     "saliency_train.yaml": {f"train#preprocessing#transforms#3#padding_mode#{i}" for i in (0, 1)},
     "multi_gpu_distill.yaml": {"sync_batchnorm", "network"},

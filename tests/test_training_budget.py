@@ -13,7 +13,8 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
 from monai.handlers.utils import from_engine
 
-from monai_kdx.handlers import TrainingStop, check_stopping
+from monai_kdx.engines import replace_network
+from monai_kdx.handlers import BestWeights, TrainingStop, check_stopping
 from monai_kdx.networks import ShallowCNN
 
 
@@ -73,3 +74,58 @@ def test_bad_stopping_settings_are_refused():
     with pytest.raises(ValueError, match="max_epochs .* must be an integer >= 1"):
         check_stopping(0, None)
     check_stopping(5, None, 30.0)
+
+
+def _scripted_run(scores, spatial_dims, replace_at=None):
+    """Train with a real step (SGD) while the validator's key metric follows ``scores``; record each epoch's weights
+    (after its validation); optionally replace the network (a narrower one) at the start of epoch ``replace_at``."""
+    torch.manual_seed(0)
+    network = ShallowCNN(spatial_dims, 1, 2, channels=(4,), hidden=0)
+    data = [{"image": torch.randn(4, 1, *[8] * spatial_dims), "label": torch.tensor([0, 1, 0, 1])}]
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=data, network=network, decollate=False,
+        key_val_metric={"val_accuracy": Accuracy(output_transform=from_engine(["pred", "label"]))},
+    )  # fmt: skip
+    # the score of the epoch, written after the metric's own computation and before the validator completes
+    evaluator.add_event_handler(
+        Events.EPOCH_COMPLETED(after=0), lambda e: e.state.metrics.update(val_accuracy=scores[e.state.epoch - 1])
+    )
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=len(scores), train_data_loader=data, network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=0.5), loss_function=torch.nn.CrossEntropyLoss(),
+        train_handlers=[BestWeights(evaluator), ValidationHandler(1, evaluator, epoch_level=True)], decollate=False,
+    )  # fmt: skip
+    if replace_at is not None:
+        narrower = ShallowCNN(spatial_dims, 1, 2, channels=(2,), hidden=0)
+        trainer.add_event_handler(
+            Events.EPOCH_STARTED(once=replace_at), lambda e: replace_network(e, narrower, evaluators=[evaluator])
+        )
+    weights = []
+    trainer.add_event_handler(
+        Events.EPOCH_COMPLETED,
+        lambda e: weights.append({k: v.clone() for k, v in e.network.state_dict().items()}),
+    )
+    trainer.run()
+    return trainer, weights
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_best_weights_are_put_back_when_training_completes(spatial_dims):
+    trainer, weights = _scripted_run([0.5, 0.9, 0.7, 0.6], spatial_dims)
+    final = trainer.network.state_dict()
+    assert not torch.equal(weights[1]["blocks.0.0.weight"], weights[3]["blocks.0.0.weight"])  # training moved them
+    for key, value in final.items():
+        assert torch.equal(value, weights[1][key]), key  # epoch 2's, the best validation
+
+
+def test_best_weights_start_over_when_the_network_is_replaced():
+    # epoch 1 scores best, but the network trained from epoch 3 on is another one: its best (epoch 4) is restored
+    trainer, weights = _scripted_run([0.9, 0.5, 0.6, 0.7], 2, replace_at=3)
+    assert trainer.network.blocks[0][0].out_channels == 2
+    for key, value in trainer.network.state_dict().items():
+        assert torch.equal(value, weights[3][key]), key
+
+
+def test_best_weights_need_an_engine():
+    with pytest.raises(TypeError, match="validator must be an ignite Engine"):
+        BestWeights("validate")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .budget import STOP_REASONS, FinalEvaluation, TrainingStop, check_stopping
+from .budget import STOP_REASONS, BestWeights, FinalEvaluation, TrainingStop, check_stopping
 from .cases import CaseTable, read_case_table
 from .guards import FiniteGuard
 from .output_transforms import column, mean_of, scalars, stacked
@@ -13,6 +13,7 @@ from .tracking import MLflowModelLogger, MLflowRunHandler
 
 __all__ = [
     "STOP_REASONS",
+    "BestWeights",
     "FinalEvaluation",
     "TrainingStop",
     "check_stopping",

@@ -5,7 +5,8 @@ With :class:`TrainingStop` on a trainer, a bundle trains as long as its data nee
 epochs tuned to one dataset. It writes what happened (epochs run, why it stopped: plateau, cap or budget, the best
 validation score and its epoch) to ``engine.state.metrics`` (``epochs_run``, ``stopped_by_*``) and to a JSON file
 next to the checkpoints, which the main job's report reads. :class:`FinalEvaluation` runs an evaluator when the
-trainer completes, whatever stopped it.
+trainer completes, whatever stopped it; :class:`BestWeights` puts the best validated weights back first, for
+stages that save the network in memory rather than through a ``CheckpointSaver`` (the pruned network).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import os
 import time
 from typing import Any
 
+import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["STOP_REASONS", "FinalEvaluation", "TrainingStop", "check_stopping"]
+from monai_kdx.networks import unwrap_network
+
+__all__ = ["STOP_REASONS", "BestWeights", "FinalEvaluation", "TrainingStop", "check_stopping"]
 
 STOP_REASONS = ("plateau", "cap", "budget")
 
@@ -174,3 +178,55 @@ class FinalEvaluation:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, lambda _: self.evaluator.run())
+
+
+class BestWeights:
+    """Keep the trainer network's weights from its best validation and put them back when training completes.
+
+    After every run of ``validator``, the trainer's network (parameters and buffers) is copied when the
+    validator's key metric beats the best so far; at ``Events.COMPLETED`` the copy is loaded back, so handlers
+    that run after it (saving the network, a :class:`FinalEvaluation` on the test split) see the best weights, not
+    the last epoch's. When the trainer's network is replaced (a pruning step), the record starts over: only
+    weights of the network being trained are ever restored.
+
+    Attach it to the trainer before the handlers that use the network at completion.
+
+    Args:
+        validator: the MONAI evaluator whose key metric (greater is better) ranks the epochs.
+
+    Example (bundle YAML, first in ``train_handlers``):
+        - {_target_: monai_kdx.handlers.BestWeights, validator: "@validate#evaluator"}
+    """
+
+    def __init__(self, validator: Engine) -> None:
+        if not isinstance(validator, Engine):
+            raise TypeError(f"validator must be an ignite Engine, got {type(validator).__name__}.")
+        self.validator = validator
+        self.best_metric = -math.inf
+        self.best_epoch: int | None = None
+        self._network: torch.nn.Module | None = None
+        self._weights: dict[str, torch.Tensor] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.validator.add_event_handler(Events.COMPLETED, lambda _: self._validated(engine))
+        engine.add_event_handler(Events.COMPLETED, self._restore)
+
+    def _validated(self, engine: Engine) -> None:
+        state = self.validator.state
+        name = getattr(state, "key_metric_name", None)
+        if name is None or name not in state.metrics:
+            return
+        network = unwrap_network(engine.network)
+        if network is not self._network:  # replaced (pruned): a new record
+            self._network, self._weights, self.best_metric, self.best_epoch = network, None, -math.inf, None
+        value = float(state.metrics[name])
+        if value > self.best_metric:
+            self.best_metric, self.best_epoch = value, int(engine.state.epoch)
+            self._weights = {key: tensor.detach().clone() for key, tensor in network.state_dict().items()}
+
+    def _restore(self, engine: Engine) -> None:
+        network = unwrap_network(engine.network)
+        if self._weights is None or network is not self._network:
+            return  # never validated since the network was last replaced: the last weights are all there is
+        network.load_state_dict(self._weights)
+        engine.logger.info(f"restored the weights of epoch {self.best_epoch} (best validation {self.best_metric:.4f}).")

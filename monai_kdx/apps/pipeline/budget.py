@@ -31,13 +31,14 @@ def _step_seconds(spec: Any, batch: torch.Tensor, classes: int, train: bool = Tr
     return median_seconds(step, repeats=1, warmup=1)
 
 
-def estimate_epoch_seconds(parser: Any, teacher: bool = False) -> float:
+def estimate_epoch_seconds(parser: Any, frozen: str | None = None) -> float:
     """Seconds of one training epoch (training and validation batches) of the network a bundle config trains.
 
     Args:
         parser: the ``ConfigParser`` of the stage's bundle configs (``network_spec``, ``batch_size``,
             ``spatial_size``, ``n_samples``, ``split_fractions``, ``num_classes``, ``teacher_def``).
-        teacher: the stage also runs the teacher forward (distillation).
+        frozen: the config key of a network spec the stage also runs forward without gradients: distillation's
+            teacher (``"teacher_def"``), the pruned network's source (``"network_spec"``).
 
     Returns:
         The estimate, in seconds on this machine (one step of a batch, times the batches of an epoch; a validation
@@ -53,7 +54,7 @@ def estimate_epoch_seconds(parser: Any, teacher: bool = False) -> float:
     sizes = [int(size)] * dims if isinstance(size, int) else [int(s) for s in size]
     images = torch.randn(batch, 1, *sizes)
     step = _step_seconds(spec, images, classes)
-    if teacher:
-        step += _step_seconds(parser.get_parsed_content("teacher_def"), images, classes, train=False)
+    if frozen is not None:
+        step += _step_seconds(parser.get_parsed_content(frozen), images, classes, train=False)
     training, validation = (math.ceil(n * float(fraction) / batch) for fraction in fractions[:2])
     return step * (training + validation / 3)
