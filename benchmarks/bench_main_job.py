@@ -3,9 +3,10 @@
 ``main_job`` runs ``monai-kdx demo`` (its default time budget, nothing retuned) on the default 3D brain MRI bundle, on
 the 2D chest X-ray bundle, and on a variant of the brain generator fixed before any result was seen (another seed,
 smaller and fainter lesions), each in a fresh folder, timed as a whole; reads back the report's rows (with their
-95% bootstrap intervals); checks the convergence of each teacher against the same teacher trained with three times
-its time budget; and measures the pruned student's latency at 64³ (2D: 256²) on one thread. It writes
-``main_job.json`` and ``main_job.md``: one table row per target, per dataset.
+95% bootstrap intervals; differences between two models with intervals paired by case); checks the convergence of
+each teacher against the same teacher trained with three times its time budget; and measures the pruned student's
+latency at 64³ (2D: 256²) on one thread. It writes ``main_job.json`` and ``main_job.md``: one table row per
+target, per dataset.
 """
 
 from __future__ import annotations
@@ -107,6 +108,32 @@ def _pruned_latency_ratio(out: Path, dims: int) -> float:
         return latency_ms(pruned, example, repeats=7) / latency_ms(student, example, repeats=7)
 
 
+def _paired_differences(out: Path) -> dict[str, list[float]]:
+    """95% bootstrap intervals of the differences between two models, paired by case (the same test cases):
+    accuracy and pointing game, from the explain stage's case tables; keys ``<figure>_ci``."""
+    from monai_kdx.handlers import read_case_table
+    from monai_kdx.metrics import bootstrap_interval
+
+    tables = {
+        model: {row["case"]: row for row in read_case_table(str(out / "explanations" / model / "cases.csv"))}
+        for model in ("teacher", "student", "pruned", "saliency")
+    }
+    intervals = {}
+    pairs = {
+        "student_minus_teacher": ("student", "teacher"),
+        "pruned_minus_student": ("pruned", "student"),
+        "saliency_minus_student": ("saliency", "student"),
+    }
+    for figure, (a, b) in pairs.items():
+        for column, suffix in (("correct", ""), ("cam_pointing_game", "_pointing")):
+            if column not in next(iter(tables[a].values()), {}):
+                continue  # no masks: no pointing game
+            differences = [row[column] - tables[b][case][column] for case, row in tables[a].items()]
+            interval = bootstrap_interval(differences)  # NaN (cases without a lesion) dropped
+            intervals[f"{figure}{suffix}_ci"] = [interval["low"], interval["high"]]
+    return intervals
+
+
 def _figures(out: Path, wall: float) -> dict[str, Any]:
     summary = json.loads((out / "report" / "summary.json").read_text())
     rows = {row["model"]: row for row in summary["rows"]}
@@ -136,6 +163,7 @@ def _figures(out: Path, wall: float) -> dict[str, Any]:
         "pruned_minus_student_pointing": p["pointing_game"] - s["pointing_game"],
         "agreement_pruned_student": p["agreement_student"],
         "explanation_time_ratio": ratio(t["explain_ms"], s["explain_ms"]),
+        **_paired_differences(out),
         "rows": summary["rows"],
     }
 

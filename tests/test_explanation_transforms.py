@@ -12,7 +12,7 @@ from monai.transforms import Compose, LoadImaged, SaveImaged
 
 from monai_kdx.explain import HierarchicalCAM
 from monai_kdx.networks import ShallowCNN
-from monai_kdx.transforms.explanation import Attributiond, HierarchicalExplanationd
+from monai_kdx.transforms.explanation import Attributiond, HierarchicalExplanationd, SaveExplanationFigured
 from monai_kdx.visualize import explanation_figure
 
 
@@ -99,6 +99,21 @@ def test_explanation_figure_one_png_per_image(tmp_path, spatial_dims):
         assert titled._suptitle.get_text() == "case · label 1"
     with pytest.raises(ValueError, match="has shape"):
         explanation_figure(image[0, 0].numpy(), {"bad": np.zeros([8] * spatial_dims)})
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_figures_of_the_first_cases_only(tmp_path, spatial_dims):
+    """max_figures: the first N samples get a figure each, named after their files; the rest pass through untouched."""
+    save = SaveExplanationFigured("cam", str(tmp_path / "figures"), max_figures=2)
+    for index in range(4):
+        image = MetaTensor(torch.rand(1, *[12] * spatial_dims), meta={"filename_or_obj": f"/data/case_{index}.nii.gz"})
+        sample = {"image": image, "cam": torch.rand(1, *[12] * spatial_dims)}
+        assert save(sample)["cam"] is sample["cam"]
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["case_0_cam.png", "case_1_cam.png"]
+    assert save.drawn == 2
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="max_figures must be a non-negative integer"):
+            SaveExplanationFigured("cam", str(tmp_path), max_figures=bad)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
