@@ -31,8 +31,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check monai_kdx tests benchmarks tutorials
 
+# Two test processes (one per core of the 2-core machines the suite is sized for), each with one torch thread:
+# two processes with two threads each on two cores slow small convolutions many times over. A test file runs
+# whole in one process (its module fixtures are built once). TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(ARGS)
