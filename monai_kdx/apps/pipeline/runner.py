@@ -347,8 +347,7 @@ class Pipeline:
             entry = next((entry for entry in self.models if entry.stage == stage), None)
             if entry is None:
                 continue
-            frozen = {"distill": "teacher_def", "prune": "network_spec"}.get(stage)  # the teacher, the source network
-            estimates[stage] = estimate_epoch_seconds(self.parser(entry.configs, stage), frozen)
+            estimates[stage] = estimate_epoch_seconds(self.parser(entry.configs, stage), entry.frozen)
             share = self.time_budget * BUDGET_SHARES[stage] / total
             if share < estimates[stage]:
                 raise ValueError(

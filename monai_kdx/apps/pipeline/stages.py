@@ -22,6 +22,8 @@ class ModelEntry:
         pruned: the file is a :func:`~monai_kdx.pruning.save_pruned` file (else a state dict of the configs'
             ``network``).
         description: what it is, for people.
+        frozen: the config key of the network spec its training also runs forward without gradients (the teacher
+            it learns from), counted in the estimate of an epoch; None: none.
     """
 
     name: str
@@ -30,15 +32,16 @@ class ModelEntry:
     checkpoint: str
     pruned: bool = False
     description: str = ""
+    frozen: str | None = None
 
 
 MODELS: tuple[ModelEntry, ...] = (
     ModelEntry("teacher", "teacher", ("train_teacher.yaml",), os.path.join("models", "model.pt"),
                description="the teacher"),
     ModelEntry("student", "distill", ("train_teacher.yaml", "distill.yaml"), os.path.join("student", "model.pt"),
-               description="the distilled student"),
+               description="the distilled student", frozen="teacher_def"),
     ModelEntry("pruned", "prune", ("train_teacher.yaml", "prune.yaml"), os.path.join("pruned", "model_pruned.pt"),
-               pruned=True, description="the pruned student"),
+               pruned=True, description="the pruned student", frozen="network_spec"),  # the unpruned source
     ModelEntry("saliency", "saliency", ("train_teacher.yaml", "saliency_train.yaml"),
                os.path.join("saliency", "model.pt"), description="the saliency-guided student"),
 )  # fmt: skip
