@@ -91,6 +91,7 @@ def test_brain_mri_3d_explain_writes_overlaying_heatmaps_and_logs_metrics(brain_
     assert "max_epochs" not in summary["params"] and "test_accuracy" not in metrics  # an evaluator; explained cases
     assert 0 <= metrics["pointing_game"] <= 1 and 0 <= metrics["deletion_auc"] <= 1
     assert summary["params"]["explanation_method"] == "layercam"
+    assert float(summary["params"]["explanation_smoothing"]) == 1.0  # for pixel attributions; CAMs stay as they are
     # in MLflow as on disk: maps/, figures/ and the case table
     assert len([a for a in summary["artifacts"] if a.startswith("maps/") and a.endswith("_cam.nii.gz")]) == len(
         datalist["test"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, SaveImaged
+from torch import nn
 
 from monai_kdx.explain import HierarchicalCAM
 from monai_kdx.networks import ShallowCNN
@@ -68,6 +69,50 @@ def test_attributiond_writes_a_registered_method_map_with_metadata(tmp_path):
     expected = HierarchicalCAM(network, mode="layercam").cam(data["image"].as_tensor()[None], 1).fused[0]
     torch.testing.assert_close(out["attribution"].as_tensor(), expected)
     assert "image" in out and out["image"] is data["image"]  # the input is kept as it was
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_attribution_map_smoothed_by_the_hand_computed_gaussian(spatial_dims):
+    """A linear classifier's integrated gradients of a one-voxel image are that voxel's weight alone (completeness):
+    smoothed, the map is the discretized Gaussian itself, value by value; CAM modes are left unsmoothed."""
+    import math
+
+    side, sigma = 9, 1.0
+    network = nn.Sequential(nn.Flatten(), nn.Linear(side**spatial_dims, 2, bias=False))
+    with torch.no_grad():
+        network[1].weight.fill_(1.0)
+    image = torch.zeros(1, *[side] * spatial_dims)
+    image[(0, *[side // 2] * spatial_dims)] = 1.0
+    raw = HierarchicalExplanationd("image", network, mode="integrated_gradients", class_idx=0)({"image": image})["cam"]
+    assert float(raw.sum()) == pytest.approx(1.0, abs=1e-4)  # the spike alone
+    smooth = HierarchicalExplanationd(
+        "image", network, mode="integrated_gradients", class_idx=0, smoothing=sigma
+    )({"image": image})["cam"]
+
+    def weight(distance: int) -> float:  # the Gaussian integrated over one voxel (MONAI's "erf" kernel)
+        edge = lambda t: math.erf(t / (sigma * math.sqrt(2)))  # noqa: E731
+        return 0.5 * (edge(distance + 0.5) - edge(distance - 0.5))
+
+    center = [side // 2] * spatial_dims
+    for offset in range(4):
+        for axis in range(spatial_dims):
+            index = list(center)
+            index[axis] += offset
+            expected = weight(offset) / weight(0)  # min-max normalized: the peak is 1
+            assert float(smooth[(0, *index)]) == pytest.approx(expected, abs=1e-4)
+    diagonal = [c + 1 for c in center]
+    assert float(smooth[(0, *diagonal)]) == pytest.approx((weight(1) / weight(0)) ** spatial_dims, abs=1e-4)
+    assert isinstance(smooth, MetaTensor) and smooth.shape == image.shape
+
+    torch.manual_seed(0)
+    cnn = ShallowCNN(spatial_dims, 1, 2, channels=(4, 8)).eval()
+    sample = {"image": torch.randn(1, *[16] * spatial_dims)}
+    plain = HierarchicalExplanationd("image", cnn, mode="layercam", class_idx=1)(dict(sample))["cam"]
+    kept = HierarchicalExplanationd("image", cnn, mode="layercam", class_idx=1, smoothing=2.0)(dict(sample))["cam"]
+    torch.testing.assert_close(kept, plain)
+    for bad in (-1.0, True, "1", 64):
+        with pytest.raises(ValueError, match="smoothing must be a number of voxels"):
+            HierarchicalExplanationd("image", cnn, mode="integrated_gradients", smoothing=bad)
 
 
 def test_explanation_transform_errors():

@@ -20,7 +20,7 @@ from monai_kdx.data import write_dataset
 from monai_kdx.data.dicom import write_dicom_series
 from monai_kdx.data.synthetic import class_names
 
-SPLITS = {3: (0.45, 0.15, 0.4), 2: (0.7, 0.15, 0.15)}  # the bundles' own split fractions
+SPLITS = {3: (0.45, 0.15, 0.4), 2: (0.65, 0.15, 0.2)}  # the bundles' own split fractions
 KINDS = {3: "brain-mri-3d", 2: "chest-xray-2d"}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.networks.layers import GaussianFilter
 from monai.transforms import MapTransform
 from torch import nn
 
@@ -103,7 +104,8 @@ class HierarchicalExplanationd(_ExplanationTransform):
     stacked as channels (L, *spatial), shallow to deep (its meta holds ``"levels"``, the layer paths),
     and ``d[output_key + "_class"]``: the explained class. Both maps are MetaTensors with the input's
     metadata, in [0, 1]. With a ``mode`` that is not a CAM mode (e.g. ``"integrated_gradients"``), the map is the
-    min-max normalized magnitude of that method's attribution and its one level is itself.
+    min-max normalized magnitude of that method's attribution, smoothed by a Gaussian of ``smoothing`` voxels
+    first, and its one level is itself.
 
     Args:
         keys: the image key(s); each image is (C, H, W) or (C, H, W, D).
@@ -117,6 +119,11 @@ class HierarchicalExplanationd(_ExplanationTransform):
         class_idx: the class to explain when ``target_key`` is None; None: the predicted class.
         device: where to run the network (the maps come back on the CPU).
         allow_missing_keys: skip missing image keys instead of raising.
+        smoothing: standard deviation in voxels of a Gaussian over a pixel attribution's magnitude (0: none).
+            Per-voxel gradients are noisy ("shattered"): two networks that look at the same structure give maps
+            that correlate only at the scale of that structure, and the highest voxel of a raw map is often a
+            noise peak beside it. CAM maps, upsampled from coarse layers, are smooth already and are left as they
+            are.
 
     Example (bundle YAML):
         - _target_: monai_kdx.transforms.HierarchicalExplanationd
@@ -138,8 +145,12 @@ class HierarchicalExplanationd(_ExplanationTransform):
         class_idx: int | None = None,
         device: str | torch.device | None = None,
         allow_missing_keys: bool = False,
+        smoothing: float = 0.0,
     ) -> None:
         super().__init__(keys, network, output_key, target_key, class_idx, device, allow_missing_keys)
+        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 64:
+            raise ValueError(f"smoothing must be a number of voxels in [0, 64), got {smoothing!r}.")
+        self.smoothing = float(smoothing)
         self.mode = mode
         self.explainer = (
             HierarchicalCAM(network, layers, mode=mode, fusion=fusion)
@@ -164,7 +175,10 @@ class HierarchicalExplanationd(_ExplanationTransform):
                     explained = resolve_targets(None, self.network(x))
             else:
                 explained = torch.tensor([target])
-            fused = minmax_normalize(self.explainer.attribute(x, explained.reshape(-1)).abs())[0]
+            magnitude = self.explainer.attribute(x, explained.reshape(-1)).abs()
+            if self.smoothing:
+                magnitude = GaussianFilter(x.ndim - 2, self.smoothing).to(magnitude.device)(magnitude)
+            fused = minmax_normalize(magnitude)[0]
             levels, names = fused, [self.mode]
         d[self._out(key)] = as_meta_like(fused, image)
         d[self._out(key, "_levels")] = as_meta_like(levels, image)

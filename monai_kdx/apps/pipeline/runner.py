@@ -561,7 +561,8 @@ def _explain_settings(pipeline: Pipeline, entry: ModelEntry) -> dict[str, Any]:
 
 def _choose_explanation(pipeline: Pipeline) -> dict[str, Any]:
     """The candidate whose maps of the teacher point at the lesion most often on the validation split (ties: the
-    first candidate, the cheaper), with every candidate's pointing game and its 95% interval."""
+    first candidate, the cheaper), with every candidate's pointing game and its 95% interval; pixel attributions
+    are smoothed as the explain stage smooths them (``explanation_smoothing``)."""
     from monai_kdx.metrics import bootstrap_interval, pointing_game
     from monai_kdx.transforms import HierarchicalExplanationd
 
@@ -569,22 +570,24 @@ def _choose_explanation(pipeline: Pipeline) -> dict[str, Any]:
     parser = pipeline.parser(["train_teacher.yaml", "explain.yaml"])
     transform = parser.get_parsed_content("validate#preprocessing")
     default = parser.get_parsed_content("explanation_method")
+    smoothing = parser.get_parsed_content("explanation_smoothing")
+    chosen = {"method": default, "smoothing": smoothing, "scores": {}}
     if not pipeline.lesion_masks:
-        return {"method": default, "scores": {}, "reason": "the datalist has no lesion masks to choose by"}
+        return {**chosen, "reason": "the datalist has no lesion masks to choose by"}
     samples = [transform(item) for item in parser.get_parsed_content("validate#dataset").data]
     samples = [sample for sample in samples if float(sample["mask"].sum()) > 0]
     if not samples:
-        return {"method": default, "scores": {}, "reason": "no validation case has a lesion to choose by"}
+        return {**chosen, "reason": "no validation case has a lesion to choose by"}
     scores = {}
     for method in EXPLANATION_CANDIDATES:
-        explain = HierarchicalExplanationd("image", teacher, mode=method, target_key="label")
+        explain = HierarchicalExplanationd("image", teacher, mode=method, target_key="label", smoothing=smoothing)
         hits = [
             float(pointing_game(explain(sample)["cam"][None], (sample["mask"][None] > 0).float())[0])
             for sample in samples
         ]
         scores[method] = bootstrap_interval(hits)
     best = max(EXPLANATION_CANDIDATES, key=lambda method: scores[method]["value"])
-    return {"method": best, "scores": scores}
+    return {**chosen, "method": best, "scores": scores}
 
 
 def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
@@ -641,6 +644,7 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
         + f"\n\nMLflow: `{pipeline.tracking_uri}`, experiment `{pipeline.experiment_name}`, parent run "
         f"`{pipeline.state['parent_run_id']}`.",
         method=choice["method"],
+        smoothing=choice["smoothing"],
     )
     # the comparison of the four models, once, in the parent run (each model's own runs hold the rest)
     comparison = {

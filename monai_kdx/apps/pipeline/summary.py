@@ -202,6 +202,7 @@ def write_summary(
     title: str,
     notes: str = "",
     method: str = "layercam",
+    smoothing: float = 0.0,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Measure and write the summary report of trained, explained models.
 
@@ -224,6 +225,8 @@ def write_summary(
         notes: markdown appended to the report (e.g. which explanation and why, where MLflow holds the runs).
         method: the explanation timed (a CAM mode or a registered explainer); ``hierarchy.png`` draws the CAM levels
             of this mode, or of LayerCAM for a pixel attribution method.
+        smoothing: the Gaussian σ in voxels over a pixel attribution's maps
+            (:class:`~monai_kdx.transforms.HierarchicalExplanationd`), timed with it.
 
     Returns:
         The summary rows and ``{"markdown", "json", "plot", "hierarchy"}`` paths.
@@ -247,7 +250,7 @@ def write_summary(
             network = network.cpu().eval()
             with torch.no_grad():
                 latency = median_seconds(lambda network=network: network(first), repeats=7)
-            explain = HierarchicalExplanationd("image", network, mode=method, target_key="label")
+            explain = HierarchicalExplanationd("image", network, mode=method, target_key="label", smoothing=smoothing)
             times = []
             for sample in samples:
                 explain(sample)  # warm-up
@@ -328,10 +331,11 @@ def write_summary(
         if n_lesion
         else "no localization (no lesion masks)"
     )
+    smoothed = f" (its magnitude smoothed by a Gaussian of σ = {smoothing:g} voxels)" if method not in CAM_MODES else ""
     text = f"""# {title}
 
-The explanation is {method}: its maps are what the scores below measure. Latency and explanation time on one CPU
-thread, batch of one; {localization}; faithfulness by
+The explanation is {method}{smoothed if smoothing else ""}: its maps are what the scores below measure. Latency
+and explanation time on one CPU thread, batch of one; {localization}; faithfulness by
 deletion/insertion of the most relevant voxels; agreement is the mean Pearson correlation of two models' maps.
 Accuracy over {n_test} test cases. In brackets: 95% bootstrap intervals. The "{RANDOM_ROW}" row scores a uniform
 random map of the same cases: the chance level. "epochs (stopped by)": how many epochs the model's training ran and
