@@ -267,6 +267,12 @@ def test_a_finished_main_job_read_back_through_a_real_mlflow_server(mlflow_serve
     assert set(explain_children) == {"explain_teacher", "explain_student", "explain_pruned", "explain_saliency"}
     assert run_summary(url, explain_children["explain_student"])["params"]["network"] == "ShallowCNN"
     assert parent["params"]["explanation_method"] in runner.EXPLANATION_CANDIDATES
+    # chosen after the teacher's training; the saliency stage guided that map (a CAM mode itself, integrated
+    # gradients through the input gradient)
+    chosen = state["stages"]["teacher"]["explanation"]["method"]
+    assert chosen == parent["params"]["explanation_method"]
+    guided = runs["saliency"]["params"]["saliency_method"]
+    assert guided == (chosen if chosen != "integrated_gradients" else "input_gradient")
     assert {"report/report.md", "report/summary.png", "report/hierarchy.png"} <= set(parent["artifacts"])
     explained = run_summary(url, explain_children["explain_pruned"])
     assert any(a.endswith("_cam.nii.gz") for a in explained["artifacts"])

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from monai_kdx.apps.console import Console, key_metrics
+from monai_kdx.explain.cam import CAM_MODES
 from monai_kdx.handlers import read_case_table
 from monai_kdx.networks import build_network, load_weights, read_state_dict
 from monai_kdx.pruning import load_pruned
@@ -523,7 +524,8 @@ def _stage_teacher(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
     preview = pipeline.path("dataset_preview.png")
     datalist_preview(pipeline.parser(model("teacher").configs).get_parsed_content("datalist"), preview)
     pipeline.tracker.client.log_artifact(run_id, preview)
-    return {**record, "preview": preview}
+    # chosen once the teacher is trained: the saliency stage guides the map the report will show
+    return {**record, "preview": preview, "explanation": _choose_explanation(pipeline)}
 
 
 def _stage_distill(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
@@ -545,9 +547,28 @@ def _stage_prune(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
 
 
 def _stage_saliency(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
-    """The distilled student fine-tuned with its saliency pulled toward the gaze maps (saliency_train.yaml)."""
+    """The distilled student fine-tuned with its saliency pulled toward the gaze maps (saliency_train.yaml), the
+    saliency being the report's explanation (:func:`_guided_saliency`)."""
     student = pipeline.path(model("student").checkpoint)  # a plain value: paths are never pasted into expressions
-    return _train_and_test(pipeline, run_id, model("saliency"), start_checkpoint=student)
+    method = _guided_saliency(_explanation_choice(pipeline)["method"])
+    return _train_and_test(pipeline, run_id, model("saliency"), start_checkpoint=student, saliency_method=method)
+
+
+def _guided_saliency(explanation: str) -> str:
+    """The differentiable saliency the saliency stage pulls toward the gaze maps when the report shows
+    ``explanation``: a CAM mode guides itself (fused over the stages, as the report fuses it); a pixel attribution
+    (integrated gradients) guides the input gradient, its one-pass, differentiable counterpart at the same level.
+
+    Measured on the demo's student (brain, 3 training seeds): input-gradient guidance kept 0.975 test accuracy on
+    average (student 0.981) and moved the report's integrated-gradient maps toward gaze (KL 0.87-0.94x, NSS
+    1.05-1.17x); guiding the fused Grad-CAM instead left them where they were (KL 0.96x, NSS 1.01x) at 0.950."""
+    return explanation if explanation in CAM_MODES else "input_gradient"
+
+
+def _explanation_choice(pipeline: Pipeline) -> dict[str, Any]:
+    """The explanation chosen after the teacher's training (:func:`_choose_explanation`), chosen now for a run
+    resumed from a state written before the choice moved there."""
+    return pipeline.state["stages"]["teacher"].get("explanation") or _choose_explanation(pipeline)
 
 
 def _explain_settings(pipeline: Pipeline, entry: ModelEntry) -> dict[str, Any]:
@@ -593,7 +614,7 @@ def _choose_explanation(pipeline: Pipeline) -> dict[str, Any]:
 def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
     metrics, explain_runs, per_model = {}, {}, {}
     folders = {}
-    choice = _choose_explanation(pipeline)
+    choice = _explanation_choice(pipeline)
     why = choice.get("reason") or "the best pointing game of the teacher on the validation split"
     pipeline.console.line(f"explain: {choice['method']} maps ({why})")
     names = {method: method.replace("+", "p") for method in choice["scores"]}  # MLflow: no "+" in metric names
