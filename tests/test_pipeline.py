@@ -267,9 +267,9 @@ def test_a_finished_main_job_read_back_through_a_real_mlflow_server(mlflow_serve
     assert set(explain_children) == {"explain_teacher", "explain_student", "explain_pruned", "explain_saliency"}
     assert run_summary(url, explain_children["explain_student"])["params"]["network"] == "ShallowCNN"
     assert parent["params"]["explanation_method"] in runner.EXPLANATION_CANDIDATES
-    # chosen after the teacher's training; the saliency stage guided that map (a CAM mode itself, integrated
-    # gradients through the input gradient)
-    chosen = state["stages"]["teacher"]["explanation"]["method"]
+    # chosen by the saliency stage, which guided that map (a CAM mode itself, integrated gradients through the
+    # input gradient), and explained by the explain stage
+    chosen = state["stages"]["saliency"]["explanation"]["method"]
     assert chosen == parent["params"]["explanation_method"]
     guided = runs["saliency"]["params"]["saliency_method"]
     assert guided == (chosen if chosen != "integrated_gradients" else "input_gradient")
@@ -334,3 +334,21 @@ def test_a_time_budget_too_small_for_one_epoch_is_refused_before_any_work(tmp_pa
     assert budgeted.stage_budget("teacher") == pytest.approx(100 * 0.36)  # its share of everything left
     budgeted.state["stages"]["teacher"] = {"seconds": 20.0}
     assert budgeted.stage_budget("distill") == pytest.approx(80 * 0.22 / 0.64)
+
+
+def test_the_saliency_stage_guides_a_loss_it_can_compute_for_every_candidate_explanation():
+    """Every explanation the main job may choose maps to a saliency the saliency losses compute: a CAM mode and LRP
+    to themselves, integrated gradients to the input gradient."""
+    from monai_kdx.losses import SaliencyAlignmentLoss
+
+    guided = {method: runner._guided_saliency(method) for method in (*runner.EXPLANATION_CANDIDATES, "lrp")}
+    assert guided == {
+        "layercam": "layercam",
+        "gradcam": "gradcam",
+        "gradcam++": "gradcam++",
+        "activation": "activation",
+        "integrated_gradients": "input_gradient",
+        "lrp": "lrp",
+    }
+    for method in guided.values():
+        assert SaliencyAlignmentLoss("stages", method=method, divergence="cc").method == method

@@ -8,6 +8,7 @@ do: image (C, H, W) or (C, H, W, D).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -125,6 +126,9 @@ class HierarchicalExplanationd(_ExplanationTransform):
             noise peak beside it. CAM maps, upsampled from coarse layers, are smooth already and are left as they
             are.
 
+    Raises:
+        ValueError: ``smoothing`` not a number in [0, 64).
+
     Example (bundle YAML):
         - _target_: monai_kdx.transforms.HierarchicalExplanationd
           keys: image
@@ -148,7 +152,7 @@ class HierarchicalExplanationd(_ExplanationTransform):
         smoothing: float = 0.0,
     ) -> None:
         super().__init__(keys, network, output_key, target_key, class_idx, device, allow_missing_keys)
-        if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 64:
+        if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not 0 <= smoothing < 64:
             raise ValueError(f"smoothing must be a number of voxels in [0, 64), got {smoothing!r}.")
         self.smoothing = float(smoothing)
         self.mode = mode
@@ -177,7 +181,7 @@ class HierarchicalExplanationd(_ExplanationTransform):
                 explained = torch.tensor([target])
             magnitude = self.explainer.attribute(x, explained.reshape(-1)).abs()
             if self.smoothing:
-                magnitude = GaussianFilter(x.ndim - 2, self.smoothing).to(magnitude.device)(magnitude)
+                magnitude = GaussianFilter(x.ndim - 2, self.smoothing)(magnitude)
             fused = minmax_normalize(magnitude)[0]
             levels, names = fused, [self.mode]
         d[self._out(key)] = as_meta_like(fused, image)

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from monai_kdx.apps.console import Console, key_metrics
-from monai_kdx.explain.cam import CAM_MODES
 from monai_kdx.handlers import read_case_table
+from monai_kdx.losses import SALIENCY_METHODS
 from monai_kdx.networks import build_network, load_weights, read_state_dict
 from monai_kdx.pruning import load_pruned
 from monai_kdx.tracking import Tracker, check_tracking_uri, default_tracking_uri
@@ -66,8 +66,9 @@ STAGE_OVERRIDES: dict[str, dict[str, Any]] = {
     "explain": {"faithfulness_steps": 8, "faithfulness_cases": 12, "figure_cases": 16},
 }
 EXPLANATION_CANDIDATES = ("layercam", "gradcam", "gradcam++", "activation", "integrated_gradients")
-"""The explanation methods the explain stage chooses among, on the validation split (the teacher's pointing game):
-no single method localizes best on every dataset and network (README, "Which method to trust?")."""
+"""The explanation methods the main job chooses among, on the validation split (the teacher's pointing game), before
+the saliency stage guides the chosen one: no single method localizes best on every dataset and network (README,
+"Which method to trust?")."""
 DEFAULT_TIME_BUDGET = 540.0
 """Seconds of the whole main job by default: ``make demo`` within 10 minutes on 2 CPU cores."""
 BUDGET_SHARES = {"teacher": 0.36, "distill": 0.22, "prune": 0.08, "saliency": 0.09, "explain": 0.25}
@@ -524,8 +525,7 @@ def _stage_teacher(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
     preview = pipeline.path("dataset_preview.png")
     datalist_preview(pipeline.parser(model("teacher").configs).get_parsed_content("datalist"), preview)
     pipeline.tracker.client.log_artifact(run_id, preview)
-    # chosen once the teacher is trained: the saliency stage guides the map the report will show
-    return {**record, "preview": preview, "explanation": _choose_explanation(pipeline)}
+    return {**record, "preview": preview}
 
 
 def _stage_distill(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
@@ -547,28 +547,32 @@ def _stage_prune(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
 
 
 def _stage_saliency(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
-    """The distilled student fine-tuned with its saliency pulled toward the gaze maps (saliency_train.yaml), the
-    saliency being the report's explanation (:func:`_guided_saliency`)."""
+    """The distilled student fine-tuned with its saliency pulled toward the gaze maps, or the lesion masks without
+    them (saliency_train.yaml), the saliency being the report's explanation (:func:`_guided_saliency`), chosen
+    first and kept in the stage's record; a ``saliency_method`` the user set is kept."""
     student = pipeline.path(model("student").checkpoint)  # a plain value: paths are never pasted into expressions
-    method = _guided_saliency(_explanation_choice(pipeline)["method"])
-    return _train_and_test(pipeline, run_id, model("saliency"), start_checkpoint=student, saliency_method=method)
+    choice = _explanation_choice(pipeline)
+    method = pipeline.overrides.get("saliency_method") or _guided_saliency(choice["method"])
+    record = _train_and_test(pipeline, run_id, model("saliency"), start_checkpoint=student, saliency_method=method)
+    return {**record, "explanation": choice}
 
 
 def _guided_saliency(explanation: str) -> str:
     """The differentiable saliency the saliency stage pulls toward the gaze maps when the report shows
-    ``explanation``: a CAM mode guides itself (fused over the stages, as the report fuses it); a pixel attribution
-    (integrated gradients) guides the input gradient, its one-pass, differentiable counterpart at the same level.
+    ``explanation``: one the saliency losses compute (a CAM mode, fused over the stages as the report fuses it;
+    LRP) guides itself; another pixel attribution (integrated gradients) guides the input gradient, its one-pass,
+    differentiable counterpart at the same level.
 
     Measured on the demo's student (brain, 3 training seeds): input-gradient guidance kept 0.975 test accuracy on
     average (student 0.981) and moved the report's integrated-gradient maps toward gaze (KL 0.87-0.94x, NSS
     1.05-1.17x); guiding the fused Grad-CAM instead left them where they were (KL 0.96x, NSS 1.01x) at 0.950."""
-    return explanation if explanation in CAM_MODES else "input_gradient"
+    return explanation if explanation in SALIENCY_METHODS else "input_gradient"
 
 
 def _explanation_choice(pipeline: Pipeline) -> dict[str, Any]:
-    """The explanation chosen after the teacher's training (:func:`_choose_explanation`), chosen now for a run
-    resumed from a state written before the choice moved there."""
-    return pipeline.state["stages"]["teacher"].get("explanation") or _choose_explanation(pipeline)
+    """The explanation the saliency stage chose and guided (:func:`_choose_explanation`), or chosen now when that
+    stage did not run (the data has nothing to guide it toward)."""
+    return pipeline.state["stages"].get("saliency", {}).get("explanation") or _choose_explanation(pipeline)
 
 
 def _explain_settings(pipeline: Pipeline, entry: ModelEntry) -> dict[str, Any]:
@@ -634,6 +638,7 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
             ["evaluator"],
             explanation_dir=folders[entry.name],
             explanation_method=choice["method"],
+            explanation_smoothing=choice["smoothing"],
             **_explain_settings(pipeline, entry),
         )
         pipeline.tracker.end(child, "FINISHED")
