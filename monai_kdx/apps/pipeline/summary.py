@@ -331,10 +331,14 @@ def write_summary(
         if n_lesion
         else "no localization (no lesion masks)"
     )
-    smoothed = f" (its magnitude smoothed by a Gaussian of σ = {smoothing:g} voxels)" if method not in CAM_MODES else ""
+    smoothed = (
+        f" (its magnitude smoothed by a Gaussian of σ = {smoothing:g} voxels)"
+        if smoothing and method not in CAM_MODES
+        else ""
+    )
     text = f"""# {title}
 
-The explanation is {method}{smoothed if smoothing else ""}: its maps are what the scores below measure. Latency
+The explanation is {method}{smoothed}: its maps are what the scores below measure. Latency
 and explanation time on one CPU thread, batch of one; {localization}; faithfulness by
 deletion/insertion of the most relevant voxels; agreement is the mean Pearson correlation of two models' maps.
 Accuracy over {n_test} test cases. In brackets: 95% bootstrap intervals. The "{RANDOM_ROW}" row scores a uniform
