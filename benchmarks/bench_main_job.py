@@ -31,6 +31,8 @@ DATASETS = {
 }
 TARGETS = (
     ("wall time of the main job (s)", "wall_s", "<= 600"),
+    ("explain stage, kept aside for it (s)", "explain_expected_s", "(reference)"),
+    ("explain stage, took (s)", "explain_s", "(reference)"),
     ("test split (cases)", "n_test", ">= 100"),
     ("teacher test accuracy", "teacher_accuracy", ">= 0.92"),
     ("student - teacher", "student_minus_teacher", ">= -0.01"),
@@ -136,6 +138,7 @@ def _paired_differences(out: Path) -> dict[str, list[float]]:
 
 def _figures(out: Path, wall: float) -> dict[str, Any]:
     summary = json.loads((out / "report" / "summary.json").read_text())
+    stages = json.loads((out / "pipeline.json").read_text())["stages"]
     rows = {row["model"]: row for row in summary["rows"]}
     t, s, p, g, r = (rows[name] for name in ("teacher", "student", "pruned", "saliency", "random map"))
 
@@ -144,6 +147,9 @@ def _figures(out: Path, wall: float) -> dict[str, Any]:
 
     return {
         "wall_s": wall,
+        "explain_expected_s": stages["explain"].get("expected_seconds"),
+        "explain_s": stages["explain"]["seconds"],
+        "stages": {name: {"seconds": rec["seconds"], **rec.get("training", {})} for name, rec in stages.items()},
         "n_test": t["test_accuracy_n"],
         "teacher_accuracy": t["test_accuracy"],
         "teacher_accuracy_ci": [t["test_accuracy_low"], t["test_accuracy_high"]],

@@ -267,9 +267,9 @@ def test_a_finished_main_job_read_back_through_a_real_mlflow_server(mlflow_serve
     assert set(explain_children) == {"explain_teacher", "explain_student", "explain_pruned", "explain_saliency"}
     assert run_summary(url, explain_children["explain_student"])["params"]["network"] == "ShallowCNN"
     assert parent["params"]["explanation_method"] in runner.EXPLANATION_CANDIDATES
-    # chosen by the saliency stage, which guided that map (a CAM mode itself, integrated gradients through the
-    # input gradient), and explained by the explain stage
-    chosen = state["stages"]["saliency"]["explanation"]["method"]
+    # chosen by the distillation stage; the saliency stage guided that map (a CAM mode itself, integrated gradients
+    # through the input gradient), the explain stage explained it
+    chosen = state["stages"]["distill"]["explanation"]["method"]
     assert chosen == parent["params"]["explanation_method"]
     guided = runs["saliency"]["params"]["saliency_method"]
     assert guided == (chosen if chosen != "integrated_gradients" else "input_gradient")
@@ -322,18 +322,102 @@ def test_a_second_pipeline_on_the_same_folder_is_refused_naming_the_holder(tmp_p
         pass
 
 
-def test_a_time_budget_too_small_for_one_epoch_is_refused_before_any_work(tmp_path):
+def _timed_as(monkeypatch, teacher: float, student: float) -> dict[str, list]:
+    """Make the estimates' timings deterministic: an explanation by the teacher takes ``teacher`` s (integrated
+    gradients 4x), by the student ``student`` s; a forward pass a tenth of that. Returns what was timed."""
+    timed: dict[str, list] = {"explained": [], "forward": []}
+
+    def unit(spec) -> float:
+        return teacher if spec["network"] == "DenseNet121" else student
+
+    def explanation_seconds(spec, workload, methods, smoothing, device):
+        timed["explained"].append((spec["network"], list(methods)))
+        return {m: unit(spec) * (4 if m == "integrated_gradients" else 1) for m in methods}
+
+    def step_seconds(spec, batch, classes, train=True):
+        timed["forward"].append(spec["network"])
+        return unit(spec) / 10
+
+    monkeypatch.setattr(runner, "explanation_seconds", explanation_seconds)
+    monkeypatch.setattr(runner, "step_seconds", step_seconds)
+    monkeypatch.setattr(runner, "EXPLAIN_OVERHEAD", (0.25, 7.0))
+    return timed
+
+
+def test_a_time_budget_too_small_for_one_epoch_is_refused_before_any_work(tmp_path, monkeypatch):
     out = tmp_path / "demo"
-    pipeline = Pipeline(out, quick=True, time_budget=0.01)
-    with pytest.raises(ValueError, match=r"leaves stage 'teacher' about 0 s, less than one epoch \(about"):
-        pipeline.run()
-    assert not (out / "data").exists() and not (out / "pipeline.json").exists()
+    with pytest.raises(ValueError, match=r"time budget of 0 s is less than the explain stage alone is expected to "):
+        Pipeline(out, quick=True, time_budget=0.01).run()
     with pytest.raises(ValueError, match="time budget must be a positive number"):
         Pipeline(tmp_path / "other", quick=True, time_budget=-5)
-    budgeted = Pipeline(tmp_path / "third", quick=True, time_budget=100.0)
-    assert budgeted.stage_budget("teacher") == pytest.approx(100 * 0.36)  # its share of everything left
+    assert not (out / "data").exists() and not (out / "pipeline.json").exists()
+    _timed_as(monkeypatch, 0.5, 0.1)
+    reserve = Pipeline(tmp_path / "probe", quick=True, time_budget=1e6).explain_reserve
+    for until in (None, "teacher"):  # the budget covers the whole job: its explain stage is kept aside with --until
+        pipeline = Pipeline(out, quick=True, time_budget=reserve + 0.01)
+        with pytest.raises(
+            ValueError,
+            match=rf"leaves stage 'teacher' about 0 s once about {reserve:.0f} s are kept for the explain stage, less "
+            r"than one epoch \(about",
+        ):
+            pipeline.run(until=until)
+        assert not (out / "data").exists() and not (out / "pipeline.json").exists()
+
+
+def test_the_training_stages_share_what_the_explain_stage_leaves(tmp_path, monkeypatch):
+    """The explain stage's time is estimated from timed explanations and forward passes (test images x the four
+    models, faithfulness curves, the choice on the validation split until it is made) and kept aside; the training
+    stages share the rest, the time of the completed stages and of the running one spent."""
+    timed = _timed_as(monkeypatch, 0.5, 0.1)
+    budgeted = Pipeline(tmp_path / "third", quick=True, time_budget=400.0)
+    workload = budgeted.workload
+    assert workload.shape == (32, 32, 32) and workload.channels == 1  # the quick settings
+    n_test, n_val = workload.counts["test"], workload.counts["validation"]
+    assert n_test + n_val + workload.counts["training"] == 16 and n_test > 0 and n_val > 0
+    candidates = list(runner.EXPLANATION_CANDIDATES)
+    # before the choice: every candidate timed, the dearest (integrated gradients, 4x) for the four models, the
+    # teacher's maps by every candidate on the validation cases; the faithfulness curves of every test case (quick:
+    # 4 steps, all cases): 4 x 5 forwards a case and model
+    choice = n_val * (2.0 + 0.5 * (len(candidates) - 1))
+    faithfulness = n_test * 4 * 5 * (0.05 + 3 * 0.01)
+    reserve = n_test * (2.0 + 3 * 0.4) + faithfulness + choice + 0.25 * n_test * 4 + 7.0
+    assert budgeted.explain_reserve == pytest.approx(reserve)
+    # each network timed once: the student, pruned and saliency-guided models share the student's architecture
+    assert timed["explained"] == [("DenseNet121", candidates), ("ShallowCNN", candidates)]
+    assert timed["forward"] == ["DenseNet121", "ShallowCNN"]
+    assert budgeted.stage_budget("teacher") == pytest.approx((400 - reserve) * 0.36 / 0.75)
+    assert budgeted.stage_budget("explain") is None  # not cut short
     budgeted.state["stages"]["teacher"] = {"seconds": 20.0}
-    assert budgeted.stage_budget("distill") == pytest.approx(80 * 0.22 / 0.64)
+    assert budgeted.stage_budget("distill") == pytest.approx((380 - reserve) * 0.22 / 0.39)
+    budgeted._stage_start = time.perf_counter() - 10.0  # 10 s into the running stage
+    assert budgeted.stage_budget("distill") == pytest.approx((370 - reserve) * 0.22 / 0.39, abs=0.05)
+    budgeted._stage_start = None
+
+    # the distillation stage chooses, then keeps aside the chosen explanation's time alone, without the choice
+    chosen = {"method": "layercam", "smoothing": 1.0, "scores": {}}
+    monkeypatch.setattr(runner, "_choose_explanation", lambda pipeline: chosen)
+    monkeypatch.setattr(runner, "_train_and_test", lambda pipeline, run_id, entry, **extra: {"extra": extra})
+    record = runner._stage_distill(budgeted, "run")
+    assert record["explanation"] == chosen
+    layercam = n_test * (0.5 + 3 * 0.1) + faithfulness + 0.25 * n_test * 4 + 7.0
+    assert timed["explained"][-2:] == [("DenseNet121", ["layercam"]), ("ShallowCNN", ["layercam"])]
+    assert budgeted.explain_reserve == pytest.approx(layercam)
+    # resumed after the distillation stage: its recorded choice is what the explain stage will show
+    budgeted.state["stages"]["distill"] = {"seconds": 10.0, "explanation": chosen}
+    budgeted.state["stages"]["prune"] = {"seconds": 30.0}
+    resumed = Pipeline(tmp_path / "third", quick=True, time_budget=400.0)
+    resumed.state = budgeted.state
+    assert resumed.explain_reserve == pytest.approx(layercam)
+    assert timed["explained"][-2:] == [("DenseNet121", ["layercam"]), ("ShallowCNN", ["layercam"])]
+    # the saliency stage guides the chosen explanation
+    assert runner._stage_saliency(budgeted, "run")["extra"]["saliency_method"] == "layercam"
+    # a stage the data does not allow takes no share: pruning, the last training stage, gets all that is left
+    del budgeted.state["stages"]["prune"]
+    budgeted.skipped_stages["saliency"] = "no gaze, no masks"
+    assert budgeted.stage_budget("prune") == pytest.approx(400 - 20 - 10 - budgeted.explain_reserve)
+    # at least one epoch when the time is gone
+    budgeted.state["stages"]["distill"]["seconds"] = 1000.0
+    assert budgeted.stage_budget("prune") == 1.0
 
 
 def test_the_saliency_stage_guides_a_loss_it_can_compute_for_every_candidate_explanation():

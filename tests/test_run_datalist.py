@@ -188,6 +188,31 @@ def test_run_on_labels_alone_of_several_shapes_skips_what_needs_masks_and_says_s
     assert len(client.search_registered_models()) == 3
 
 
+def test_the_time_budget_is_estimated_on_the_users_images_and_splits(tmp_path, monkeypatch):
+    """The epochs and the explain stage are estimated on the datalist's own image shape (or --spatial-size),
+    channels and splits; without lesion masks nothing is chosen, the bundle's explanation alone is timed."""
+    from monai_kdx.apps.pipeline import Pipeline, runner
+
+    datalist = _own_layout(tmp_path, 2, n=12)
+    content = json.loads(datalist.read_text())
+    workload = Pipeline(tmp_path / "a", datalist=str(datalist)).workload
+    assert workload.shape == (32, 32) and workload.channels == 1
+    assert workload.counts == {section: len(content[section]) for section in ("training", "validation", "test")}
+    assert Pipeline(tmp_path / "b", datalist=str(datalist), resize_to=24).workload.shape == (24, 24)
+
+    timed = []
+    monkeypatch.setattr(runner, "explanation_seconds", lambda spec, w, methods, s, device: timed.append(methods) or {
+        method: 1.0 for method in methods
+    })  # fmt: skip
+    monkeypatch.setattr(runner, "step_seconds", lambda spec, batch, classes, train: 0.0)
+    labels_only = _own_layout(tmp_path / "labels", 2, n=12, masks=False)
+    pipeline = Pipeline(tmp_path / "c", datalist=str(labels_only))
+    per_case, fixed = runner.EXPLAIN_OVERHEAD
+    n_test = len(content["test"])
+    assert pipeline.explain_reserve == pytest.approx(n_test * 3 * 1.0 + per_case * n_test * 3 + fixed)
+    assert timed == [["layercam"], ["layercam"]]  # teacher and student; three models: no saliency stage
+
+
 def test_bad_datalists_are_refused_in_one_line_before_any_work(tmp_path, capsys):
     datalist = _own_layout(tmp_path, 2, n=12)
     content = json.loads(datalist.read_text())

@@ -33,7 +33,7 @@ from monai_kdx.networks import build_network, load_weights, read_state_dict
 from monai_kdx.pruning import load_pruned
 from monai_kdx.tracking import Tracker, check_tracking_uri, default_tracking_uri
 
-from .budget import estimate_epoch_seconds
+from .budget import Workload, estimate_epoch_seconds, explanation_seconds, step_seconds
 from .bundles import QUICK_OVERRIDES, StageResult, bundle_parser, bundle_path, run_bundle
 from .stages import MODELS, STAGES, ModelEntry, model, stage_inputs, stage_outputs
 from .state import OutputLock, changed_files, digests, dump_json
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 STATE_FILE = "pipeline.json"
-STATE_VERSION = 3
+STATE_VERSION = 4  # 4: the explanation chosen by the distillation stage
 
 # Quick mode (tests, smoke runs): QUICK_OVERRIDES for every bundle run, plus these per stage.
 QUICK_STAGE_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -66,14 +66,21 @@ STAGE_OVERRIDES: dict[str, dict[str, Any]] = {
     "explain": {"faithfulness_steps": 8, "faithfulness_cases": 12, "figure_cases": 16},
 }
 EXPLANATION_CANDIDATES = ("layercam", "gradcam", "gradcam++", "activation", "integrated_gradients")
-"""The explanation methods the main job chooses among, on the validation split (the teacher's pointing game), before
-the saliency stage guides the chosen one: no single method localizes best on every dataset and network (README,
-"Which method to trust?")."""
-DEFAULT_TIME_BUDGET = 540.0
-"""Seconds of the whole main job by default: ``make demo`` within 10 minutes on 2 CPU cores."""
-BUDGET_SHARES = {"teacher": 0.36, "distill": 0.22, "prune": 0.08, "saliency": 0.09, "explain": 0.25}
-"""How the time left is shared among the stages left (the explain stage's share is what it is expected to take:
-it is not cut short); a stage that stops early on a plateau leaves its time to the next ones."""
+"""The explanation methods the main job chooses among, on the validation split (the teacher's pointing game), at the
+start of the distillation stage (the saliency stage guides the chosen one): no single method localizes best on every
+dataset and network (README, "Which method to trust?")."""
+DEFAULT_TIME_BUDGET = 560.0
+"""Seconds of the main job's stages by default: ``make demo`` within 10 minutes on 2 CPU cores (starting, and
+estimating the epochs and the explain stage before any work, take about 15 s more)."""
+BUDGET_SHARES = {"teacher": 0.36, "distill": 0.22, "prune": 0.08, "saliency": 0.09}
+"""How the training stages share the time left once the explain stage's time is kept aside
+(:meth:`Pipeline.explain_reserve`); a stage that stops early on a plateau leaves its time to the next ones."""
+EXPLAIN_OVERHEAD = (0.04, 45.0)
+"""The explain stage's seconds besides its explanations and faithfulness curves (:meth:`Pipeline.estimate_explain`),
+as (seconds per case and model, seconds): reading a case, saving its maps, scoring them; starting the four bundle
+runs, drawing figures, writing the report. Fitted on the brain and chest main jobs on 2 CPU cores (explain stage
+174 s and 96 s, of which the timed explanations and curves 119 s and 19 s): the estimate is 15 s over and 11 s
+under."""
 
 
 BUNDLE_FOR_DIMS = {3: "brain_mri_3d", 2: "chest_xray_2d"}
@@ -176,8 +183,9 @@ class Pipeline:
         experiment_name: the MLflow experiment; default the bundle's name.
         restart: ignore a previous, interrupted run in ``output_dir`` and start over.
         time_budget: seconds for the whole job (default :data:`DEFAULT_TIME_BUDGET`; ``None`` in quick mode),
-            shared among the stages (:data:`BUDGET_SHARES`): each training stage stops before overrunning its share
-            (and on a validation plateau or the epoch cap before that).
+            the explain stage's expected time kept aside (:meth:`estimate_explain`) and the rest shared among the
+            training stages (:data:`BUDGET_SHARES`): each stops before overrunning its share of the time left (and on
+            a validation plateau or the epoch cap before that).
         verbose: leave MONAI's and ignite's logs, library warnings and the bundles' bars on the console; by default
             the console shows one line per stage as it starts and ends, a progress bar per training stage and the
             report, and the rest goes to ``<output_dir>/logs/<stage>.log`` (:class:`monai_kdx.apps.console.Console`).
@@ -209,6 +217,7 @@ class Pipeline:
         self.stage_overrides: dict[str, dict[str, Any]] = {}
         self.skipped_stages: dict[str, str] = {}  # stage -> why the data does not allow it
         self.lesion_masks = data is None or "mask" in data.keys
+        self.datalist_summary = data
         if data is not None:
             bundle = bundle or BUNDLE_FOR_DIMS[data.spatial_dims]
             overrides = {**datalist_overrides(data), **overrides}
@@ -243,6 +252,8 @@ class Pipeline:
         self.state_path = os.path.join(self.output_dir, STATE_FILE)
         self.console = Console(os.path.join(self.output_dir, "logs"), verbose=verbose)
         self.state = self._load_state(restart)
+        self._reserve: float | None = None  # seconds kept for the explain stage (estimate_explain)
+        self._stage_start: float | None = None  # when the running stage started (its time counts as spent)
 
     # --- state -----------------------------------------------------------------------------------
     def _load_state(self, restart: bool) -> dict[str, Any]:
@@ -320,41 +331,133 @@ class Pipeline:
             params.update(spatial_size=parser.get_parsed_content("spatial_size"))
         return {**params, **{key: value for key, value in self.overrides.items() if key != "datalist"}}
 
+    @property
+    def workload(self) -> Workload:
+        """The images and splits the stages run on (the generated dataset's, or the checked datalist's)."""
+        return Workload.of(self.parser(["train_teacher.yaml"], "teacher"), self.datalist_summary)
+
+    def estimate_explain(self, method: str | None = None) -> float:
+        """Seconds the explain stage is expected to take on this machine.
+
+        Each model's network (the teacher's, the student's) is timed untrained (the cost does not depend on the
+        weights) on one image of the workload: one explanation and one forward pass. The estimate is the test images
+        times each model's explanation, its faithfulness curves (``faithfulness_cases`` x 4 x (``faithfulness_steps``
+        + 1) forward passes), and, while the explanation is not chosen, the teacher's maps by every candidate on the
+        validation split; plus the rest of the stage's work (:data:`EXPLAIN_OVERHEAD`).
+
+        Args:
+            method: the chosen explanation; None: not chosen yet (with lesion masks every candidate is timed and the
+                dearest counts; without, there is no choice: the bundle's ``explanation_method``).
+
+        Returns:
+            The estimate in seconds.
+        """
+        parser = self.parser(["train_teacher.yaml", "explain.yaml"])
+        setting = parser.get_parsed_content
+        choosing = method is None and self.lesion_masks
+        methods = list(EXPLANATION_CANDIDATES) if choosing else [method or setting("explanation_method")]
+        workload, device, smoothing = self.workload, setting("device"), setting("explanation_smoothing")
+        limit, faithful = setting("explain_limit"), setting("faithfulness_cases")
+        cases = workload.counts["test"] if limit is None else min(int(limit), workload.counts["test"])
+        faithful = cases if faithful is None else min(int(faithful), cases)
+        forwards = faithful * 4 * (int(setting("faithfulness_steps")) + 1)
+        timed: dict[str, tuple[dict[str, float], float]] = {}  # a network's spec → its explanations, its forward
+        per_method, choice = dict.fromkeys(methods, 0.0), 0.0
+        for entry in self.models:  # the pruned model is timed as its source, unpruned: at most as fast
+            spec = self.parser(entry.configs, entry.stage).get_parsed_content("network_spec")
+            key = json.dumps(spec, sort_keys=True, default=str)
+            if key not in timed:
+                image = workload.images(1, device)
+                forward = step_seconds(spec, image, int(setting("num_classes")), train=False)
+                timed[key] = explanation_seconds(spec, workload, methods, smoothing, device), forward
+            explanations, forward = timed[key]
+            for m in methods:
+                per_method[m] += cases * explanations[m] + forwards * forward
+            if entry.name == "teacher" and choosing:
+                choice = workload.counts["validation"] * sum(explanations.values())
+        seconds = max(per_method.values()) + choice
+        per_case, fixed = EXPLAIN_OVERHEAD
+        return seconds + per_case * cases * len(self.models) + fixed
+
+    @property
+    def explain_reserve(self) -> float:
+        """The seconds kept aside for the explain stage (:meth:`estimate_explain`, once, or again by
+        :meth:`reserve_explain` when the explanation is chosen); 0 once it has completed or without a budget."""
+        if self.time_budget is None or self.completed("explain"):
+            return 0.0
+        if self._reserve is None:
+            chosen = self.state["stages"].get("distill", {}).get("explanation", {}).get("method")
+            self.reserve_explain(chosen)
+        return self._reserve
+
+    def reserve_explain(self, method: str | None) -> None:
+        """Keep aside the explain stage's time (:meth:`estimate_explain`) with ``method`` chosen (None: not yet);
+        nothing without a budget."""
+        self._reserve = self.estimate_explain(method) if self.time_budget is not None else 0.0
+
+    @property
+    def training_stages(self) -> list[str]:
+        """The training stages this pipeline runs (of :data:`BUDGET_SHARES`: those the data allows), in order."""
+        return [stage for stage in BUDGET_SHARES if stage not in self.skipped_stages]
+
     def stage_budget(self, stage: str) -> float | None:
-        """The seconds of training ``stage`` may take: its share (:data:`BUDGET_SHARES`) of the time left, among
-        the stages left (the time of completed stages, from ``pipeline.json``, counts; None without a budget)."""
-        if self.time_budget is None:
+        """The seconds of training ``stage`` may take.
+
+        Its share (:data:`BUDGET_SHARES`) among the training stages left of the time left, the explain stage's
+        :attr:`explain_reserve` kept aside (the time of completed stages, from ``pipeline.json``, and of the running
+        one is spent); at least 1 s (one epoch).
+
+        Returns:
+            The seconds; None without a budget, or for the explain stage, which is not cut short.
+        """
+        if self.time_budget is None or stage not in self.training_stages:
             return None
         spent = sum(record.get("seconds", 0.0) for record in self.state["stages"].values())
-        left = STAGES[STAGES.index(stage) :]
-        return max(self.time_budget - spent, 0.0) * BUDGET_SHARES[stage] / sum(BUDGET_SHARES[s] for s in left)
+        if self._stage_start is not None:
+            spent += time.perf_counter() - self._stage_start
+        left = self.training_stages[self.training_stages.index(stage) :]
+        available = self.time_budget - spent - self.explain_reserve
+        return max(available * BUDGET_SHARES[stage] / sum(BUDGET_SHARES[s] for s in left), 1.0)
 
     def check_budget(self, stages: Sequence[str]) -> dict[str, float]:
-        """Refuse, before any work, a budget whose share for a training stage would not fit one epoch.
+        """Refuse, before any work, a budget that the explain stage's :attr:`explain_reserve` exhausts, or whose share
+        for a training stage would not fit one epoch (the budget covers the whole job, across resumes).
 
         One epoch is estimated from one timed training step of the stage's network on a batch of the bundle's
         size (a few seconds in all), times the training and validation batches of an epoch.
+
+        Args:
+            stages: the stages this run will run.
 
         Returns:
             stage → the estimated seconds of one epoch.
 
         Raises:
-            ValueError: naming the stage, its share and the estimated epoch.
+            ValueError: naming the explain stage's estimate, or the stage, its share and the estimated epoch.
         """
         if self.time_budget is None:
             return {}
+        reserve = self.explain_reserve
+        available = self.time_budget - reserve
+        if available <= 0:
+            raise ValueError(
+                f"the time budget of {self.time_budget:.0f} s is less than the explain stage alone is expected to "
+                f"take (about {reserve:.0f} s on this machine); raise the time budget (--time-budget) or use "
+                "smaller data."
+            )
+        kept = f" once about {reserve:.0f} s are kept for the explain stage" if reserve else ""
+        total = sum(BUDGET_SHARES[stage] for stage in self.training_stages)
         estimates = {}
-        total = sum(BUDGET_SHARES.values())
         for stage in stages:
             entry = next((entry for entry in self.models if entry.stage == stage), None)
             if entry is None:
                 continue
-            estimates[stage] = estimate_epoch_seconds(self.parser(entry.configs, stage), entry.frozen)
-            share = self.time_budget * BUDGET_SHARES[stage] / total
+            estimates[stage] = estimate_epoch_seconds(self.parser(entry.configs, stage), self.workload, entry.frozen)
+            share = available * BUDGET_SHARES[stage] / total
             if share < estimates[stage]:
                 raise ValueError(
-                    f"the time budget of {self.time_budget:.0f} s leaves stage {stage!r} about {share:.0f} s, less "
-                    f"than one epoch (about {estimates[stage]:.0f} s on this machine); raise the time budget "
+                    f"the time budget of {self.time_budget:.0f} s leaves stage {stage!r} about {share:.0f} s{kept}, "
+                    f"less than one epoch (about {estimates[stage]:.0f} s on this machine); raise the time budget "
                     "(--time-budget) or use smaller data."
                 )
         return estimates
@@ -403,7 +506,13 @@ class Pipeline:
             raise ValueError(f"unknown stage {until!r}; stages: {STAGES}.")
         with OutputLock(self.output_dir), self.console.capture("pipeline"):
             last = STAGES.index(until) if until else len(STAGES) - 1
-            self.check_budget([s for s in STAGES[: last + 1] if not self.completed(s)])
+            first = next((i for i, stage in enumerate(STAGES) if not self.completed(stage)), len(STAGES))
+            self.check_budget(STAGES[first : last + 1])  # what _run runs: a stage run again reruns those after it
+            if self.explain_reserve:
+                self.console.line(
+                    f"time budget {self.time_budget:.0f} s: about {self.explain_reserve:.0f} s kept for the explain "
+                    "stage (estimated on this machine), the rest shared by the training stages"
+                )
             return self._run(last)
 
     def _run(self, last: int) -> PipelineResult:
@@ -459,7 +568,8 @@ class Pipeline:
         for relative in stage_outputs(stage):  # never pick up a file this run did not write
             if os.path.isfile(self.path(relative)):
                 os.remove(self.path(relative))
-        budget = self.stage_budget(stage) if stage != "explain" else None
+        # the distillation stage says its budget once it has chosen the explanation (in its time; the reserve changes)
+        budget = self.stage_budget(stage) if stage != "distill" else None
         self.console.line(
             f"{stage}: {STAGE_TEXT[stage]}" + (f", at most {budget:.0f} s" if budget else "")
             + f" (log: {self.console.shown_path(stage)})"
@@ -467,11 +577,14 @@ class Pipeline:
         start = time.perf_counter()
         run_id = self.tracker.start_child(parent, stage)
         try:
+            self._stage_start = start
             with self.console.capture(stage):
                 record = STAGE_FUNCTIONS[stage](self, run_id)
         except BaseException as error:
             self.tracker.end(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
             raise
+        finally:
+            self._stage_start = None
         self.tracker.end(run_id, "FINISHED")
         missing = [relative for relative in stage_outputs(stage) if not os.path.isfile(self.path(relative))]
         if missing:
@@ -529,7 +642,16 @@ def _stage_teacher(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
 
 
 def _stage_distill(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
-    return _train_and_test(pipeline, run_id, model("student"))
+    """The student distilled from the teacher; first, the explanation the report shows is chosen on the teacher's
+    validation maps (:func:`_choose_explanation`; its time is the stage's), kept in the stage's record, and the
+    explain stage's time kept aside for it alone, so the training stages share the time the other candidates
+    would have taken."""
+    choice = _choose_explanation(pipeline)
+    pipeline.reserve_explain(choice["method"])
+    budget = pipeline.stage_budget("distill")
+    limit = f"; training at most {budget:.0f} s" if budget else ""
+    pipeline.console.line(f"distill: the report will show {choice['method']} maps{limit}")
+    return {**_train_and_test(pipeline, run_id, model("student")), "explanation": choice}
 
 
 def _stage_prune(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
@@ -548,13 +670,11 @@ def _stage_prune(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
 
 def _stage_saliency(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
     """The distilled student fine-tuned with its saliency pulled toward the gaze maps, or the lesion masks without
-    them (saliency_train.yaml), the saliency being the report's explanation (:func:`_guided_saliency`), chosen
-    first and kept in the stage's record; a ``saliency_method`` the user set is kept."""
+    them (saliency_train.yaml), the saliency being the report's explanation (:func:`_guided_saliency`); a
+    ``saliency_method`` the user set is kept."""
     student = pipeline.path(model("student").checkpoint)  # a plain value: paths are never pasted into expressions
-    choice = _explanation_choice(pipeline)
-    method = pipeline.overrides.get("saliency_method") or _guided_saliency(choice["method"])
-    record = _train_and_test(pipeline, run_id, model("saliency"), start_checkpoint=student, saliency_method=method)
-    return {**record, "explanation": choice}
+    method = pipeline.overrides.get("saliency_method") or _guided_saliency(_explanation_choice(pipeline)["method"])
+    return _train_and_test(pipeline, run_id, model("saliency"), start_checkpoint=student, saliency_method=method)
 
 
 def _guided_saliency(explanation: str) -> str:
@@ -570,9 +690,8 @@ def _guided_saliency(explanation: str) -> str:
 
 
 def _explanation_choice(pipeline: Pipeline) -> dict[str, Any]:
-    """The explanation the saliency stage chose and guided (:func:`_choose_explanation`), or chosen now when that
-    stage did not run (the data has nothing to guide it toward)."""
-    return pipeline.state["stages"].get("saliency", {}).get("explanation") or _choose_explanation(pipeline)
+    """The explanation the distillation stage chose (:func:`_choose_explanation`), from its record."""
+    return pipeline.state["stages"]["distill"]["explanation"]
 
 
 def _explain_settings(pipeline: Pipeline, entry: ModelEntry) -> dict[str, Any]:
@@ -619,6 +738,7 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
     metrics, explain_runs, per_model = {}, {}, {}
     folders = {}
     choice = _explanation_choice(pipeline)
+    expected = pipeline.explain_reserve if pipeline.time_budget is not None else None  # before it completes
     why = choice.get("reason") or "the best pointing game of the teacher on the validation split"
     pipeline.console.line(f"explain: {choice['method']} maps ({why})")
     names = {method: method.replace("+", "p") for method in choice["scores"]}  # MLflow: no "+" in metric names
@@ -688,6 +808,7 @@ def _stage_explain(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
         "summary": summary,
         "report": report,
         "explanation": choice,
+        "expected_seconds": expected,
         "shown": [f"{name}_{'pointing_game' if pipeline.lesion_masks else 'deletion_auc'}" for name in models],
     }
 
