@@ -100,14 +100,14 @@ def _convergence_gap(out: Path, bundle: str, overrides: dict[str, Any], quick: b
 def _pruned_latency_ratio(out: Path, dims: int) -> float:
     import torch
 
-    from monai_kdx.networks import latency_ms, load_network, network_spec
+    from monai_kdx.networks import latency_ratio, load_network, network_spec
     from monai_kdx.pruning import load_pruned
 
     pruned = load_pruned(out / "pruned" / "model_pruned.pt")
     student = load_network(network_spec(pruned), str(out / "student" / "model.pt"))  # the unpruned architecture
     example = torch.randn(1, 1, *([64] * 3 if dims == 3 else [256] * 2))
     with one_torch_thread():
-        return latency_ms(pruned, example, repeats=7) / latency_ms(student, example, repeats=7)
+        return latency_ratio(pruned, student, example, rounds=15)
 
 
 def _paired_differences(out: Path) -> dict[str, list[float]]:

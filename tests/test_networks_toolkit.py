@@ -14,6 +14,7 @@ from monai_kdx.networks import (
     class_indices,
     count_macs,
     latency_ms,
+    latency_ratio,
     median_seconds,
     resolve_targets,
     restore_mode,
@@ -103,6 +104,26 @@ def test_macs_by_hand_and_the_timer():
         median_seconds(lambda: None, repeats=0)
     net.train()
     assert latency_ms(net, torch.randn(1, 1, 4, 4), repeats=2) > 0 and net.training
+
+
+def test_a_latency_ratio_is_the_median_of_ratios_timed_in_turn(monkeypatch):
+    """Each round times the network, then the reference; the ratio is the median of the rounds' ratios (a round in
+    which the machine slowed down slows both of its sides)."""
+    from monai_kdx.networks import profiling
+
+    network, reference = nn.Identity(), nn.Identity()
+    clock = iter([1.0, 2.0, 3.0, 3.0, 0.5, 10.0, 8.0, 8.0, 2.0, 8.0])  # ratios 0.5, 1, 0.05, 1, 0.25
+    calls = []
+
+    def timed(model, example, repeats):
+        calls.append((model, repeats))
+        return next(clock)
+
+    monkeypatch.setattr(profiling, "latency_ms", timed)
+    assert latency_ratio(network, reference, torch.zeros(1), rounds=5, repeats=4) == 0.5
+    assert calls == [(network, 4), (reference, 4)] * 5
+    with pytest.raises(ValueError, match="rounds and repeats must be >= 1"):
+        latency_ratio(network, reference, torch.zeros(1), rounds=0)
 
 
 def test_stages_with_one_position_are_not_picked_and_a_loss_on_them_is_refused():

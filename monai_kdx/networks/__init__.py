@@ -31,7 +31,7 @@ from .introspect import (
     spatial_dims_of,
 )
 from .modes import restore_mode
-from .profiling import count_macs, count_parameters, latency_ms, median_seconds, timed
+from .profiling import count_macs, count_parameters, latency_ms, latency_ratio, median_seconds, timed
 from .students import ShallowCNN, densenet_student, resnet_student
 from .targets import Target, as_plain_tensor, class_indices, device_of, float32_or_wider, resolve_targets, split_batch
 from .tracing import LayerCall, NetworkTrace, trace_network
@@ -58,6 +58,7 @@ __all__ = [
     "count_macs",
     "count_parameters",
     "latency_ms",
+    "latency_ratio",
     "median_seconds",
     "timed",
     "ShallowCNN",

@@ -15,7 +15,7 @@ from .capture import unwrap_network
 from .modes import restore_mode
 from .targets import device_of
 
-__all__ = ["count_parameters", "count_macs", "timed", "median_seconds", "latency_ms"]
+__all__ = ["count_parameters", "count_macs", "timed", "median_seconds", "latency_ms", "latency_ratio"]
 
 
 def count_parameters(network: nn.Module, trainable_only: bool = False) -> int:
@@ -98,3 +98,26 @@ def latency_ms(network: nn.Module, example: torch.Tensor, repeats: int = 5) -> f
     example = example.to(device)
     with restore_mode(network), torch.no_grad():
         return 1000.0 * median_seconds(lambda: network(example), repeats=repeats, device=device)
+
+
+def latency_ratio(
+    network: nn.Module, reference: nn.Module, example: torch.Tensor, rounds: int = 15, repeats: int = 3
+) -> float:
+    """How long ``network`` takes for one forward pass of ``example`` as a fraction of ``reference``'s: the median
+    over ``rounds`` of the ratio of their :func:`latency_ms`, the two timed in turn within each round, so that a
+    machine whose speed drifts during the measurement (shared, throttled) slows both sides of a ratio alike.
+
+    Args:
+        network: the model measured, e.g. a pruned network.
+        reference: the model it is measured against, e.g. the unpruned one.
+        example: (B, C, *spatial) input.
+        rounds: ratios taken (>= 1).
+        repeats: timed passes of each model in a round (after one warm-up pass).
+
+    Raises:
+        ValueError: ``rounds`` or ``repeats`` < 1.
+    """
+    if rounds < 1 or repeats < 1:
+        raise ValueError(f"rounds and repeats must be >= 1, got {rounds} and {repeats}.")
+    ratios = [latency_ms(network, example, repeats) / latency_ms(reference, example, repeats) for _ in range(rounds)]
+    return statistics.median(ratios)
