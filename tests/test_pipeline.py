@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Any
 
 import numpy as np
 import pytest
@@ -324,11 +325,12 @@ def test_a_second_pipeline_on_the_same_folder_is_refused_naming_the_holder(tmp_p
 
 def _timed_as(monkeypatch, teacher: float, student: float) -> dict[str, list]:
     """Make the estimates' timings deterministic: an explanation by the teacher takes ``teacher`` s (integrated
-    gradients 4x), by the student ``student`` s; a forward pass a tenth of that. Returns what was timed."""
-    timed: dict[str, list] = {"explained": [], "forward": []}
+    gradients 4x), by the student ``student`` s; a forward pass a tenth of that; all of it times ``timed["slower"]``.
+    Returns what was timed."""
+    timed: dict[str, Any] = {"explained": [], "forward": [], "slower": 1.0}
 
     def unit(spec) -> float:
-        return teacher if spec["network"] == "DenseNet121" else student
+        return (teacher if spec["network"] == "DenseNet121" else student) * timed["slower"]
 
     def explanation_seconds(spec, workload, methods, smoothing, device):
         timed["explained"].append((spec["network"], list(methods)))
@@ -386,6 +388,17 @@ def test_the_training_stages_share_what_the_explain_stage_leaves(tmp_path, monke
     assert timed["explained"] == [("DenseNet121", candidates), ("ShallowCNN", candidates)]
     assert timed["forward"] == ["DenseNet121", "ShallowCNN"]
     assert budgeted.stage_budget("teacher") == pytest.approx((400 - reserve) * 0.36 / 0.75)
+    # measured again as a training stage starts, unless the estimate is younger than a minute: on a machine now
+    # twice as slow, the explanations and curves take twice as long
+    budgeted.measure_explain()
+    assert len(timed["explained"]) == 2
+    timed["slower"], budgeted._reserved_at = 2.0, budgeted._reserved_at - 61
+    budgeted.measure_explain()
+    assert len(timed["explained"]) == 4
+    assert budgeted.explain_reserve == pytest.approx(2 * (reserve - 0.25 * n_test * 4 - 7.0) + 0.25 * n_test * 4 + 7.0)
+    timed["slower"] = 1.0
+    budgeted.measure_explain(max_age=0.0)
+    assert budgeted.explain_reserve == pytest.approx(reserve)
     assert budgeted.stage_budget("explain") is None  # not cut short
     budgeted.state["stages"]["teacher"] = {"seconds": 20.0}
     assert budgeted.stage_budget("distill") == pytest.approx((380 - reserve) * 0.22 / 0.39)

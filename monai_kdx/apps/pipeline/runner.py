@@ -18,6 +18,7 @@ Paths travel as plain config values, never pasted into config expressions.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -253,6 +254,8 @@ class Pipeline:
         self.console = Console(os.path.join(self.output_dir, "logs"), verbose=verbose)
         self.state = self._load_state(restart)
         self._reserve: float | None = None  # seconds kept for the explain stage (estimate_explain)
+        self._reserved_at = -math.inf  # when it was measured (time.perf_counter)
+        self._choice: dict[str, Any] | None = None  # the explanation this run's distillation stage chose
         self._stage_start: float | None = None  # when the running stage started (its time counts as spent)
 
     # --- state -----------------------------------------------------------------------------------
@@ -380,20 +383,35 @@ class Pipeline:
         return seconds + per_case * cases * len(self.models) + fixed
 
     @property
+    def explanation(self) -> dict[str, Any] | None:
+        """The explanation the distillation stage chose (:func:`_choose_explanation`): this run's, or the one in its
+        record; None before."""
+        return self._choice or self.state["stages"].get("distill", {}).get("explanation")
+
+    @explanation.setter
+    def explanation(self, choice: dict[str, Any]) -> None:
+        self._choice = choice
+        self.measure_explain(max_age=0.0)  # the explain stage's time, now of the chosen explanation alone
+
+    @property
     def explain_reserve(self) -> float:
-        """The seconds kept aside for the explain stage (:meth:`estimate_explain`, once, or again by
-        :meth:`reserve_explain` when the explanation is chosen); 0 once it has completed or without a budget."""
+        """The seconds kept aside for the explain stage (:meth:`measure_explain`); 0 once it has completed or
+        without a budget."""
         if self.time_budget is None or self.completed("explain"):
             return 0.0
         if self._reserve is None:
-            chosen = self.state["stages"].get("distill", {}).get("explanation", {}).get("method")
-            self.reserve_explain(chosen)
+            self.measure_explain()
         return self._reserve
 
-    def reserve_explain(self, method: str | None) -> None:
-        """Keep aside the explain stage's time (:meth:`estimate_explain`) with ``method`` chosen (None: not yet);
-        nothing without a budget."""
-        self._reserve = self.estimate_explain(method) if self.time_budget is not None else 0.0
+    def measure_explain(self, max_age: float = 60.0) -> None:
+        """Estimate the explain stage's time again (:meth:`estimate_explain`, with the :attr:`explanation` chosen so
+        far) unless the last estimate is younger than ``max_age`` seconds: each training stage takes its budget
+        against the machine's speed as it is when it starts (a shared machine's speed drifts); nothing without a
+        budget."""
+        if self.time_budget is None or time.perf_counter() - self._reserved_at < max_age:
+            return
+        self._reserve = self.estimate_explain((self.explanation or {}).get("method"))
+        self._reserved_at = time.perf_counter()
 
     @property
     def training_stages(self) -> list[str]:
@@ -619,6 +637,7 @@ def _training_record(pipeline: Pipeline, stage: str) -> dict[str, Any]:
 
 def _train_and_test(pipeline: Pipeline, run_id: str, entry: ModelEntry, **extra: Any) -> dict[str, Any]:
     """A model's training stage: its configs, then the same with ``evaluate.yaml`` on the test split."""
+    pipeline.measure_explain()
     budget = pipeline.stage_budget(entry.stage)
     extra = {**extra, **({"time_budget": budget} if budget is not None else {})}
     engines = ["train#trainer", "validate#evaluator"]
@@ -646,8 +665,7 @@ def _stage_distill(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
     validation maps (:func:`_choose_explanation`; its time is the stage's), kept in the stage's record, and the
     explain stage's time kept aside for it alone, so the training stages share the time the other candidates
     would have taken."""
-    choice = _choose_explanation(pipeline)
-    pipeline.reserve_explain(choice["method"])
+    choice = pipeline.explanation = _choose_explanation(pipeline)
     budget = pipeline.stage_budget("distill")
     limit = f"; training at most {budget:.0f} s" if budget else ""
     pipeline.console.line(f"distill: the report will show {choice['method']} maps{limit}")
@@ -657,6 +675,7 @@ def _stage_distill(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
 def _stage_prune(pipeline: Pipeline, run_id: str) -> dict[str, Any]:
     entry = model("pruned")
     engines = ["train#trainer", "validate#evaluator", "test#evaluator"]
+    pipeline.measure_explain()
     budget = pipeline.stage_budget(entry.stage)
     extra = {"time_budget": budget} if budget else {}
     result = pipeline.run_in(run_id, entry.stage, entry.configs, engines, progress=True, **extra)
@@ -690,8 +709,10 @@ def _guided_saliency(explanation: str) -> str:
 
 
 def _explanation_choice(pipeline: Pipeline) -> dict[str, Any]:
-    """The explanation the distillation stage chose (:func:`_choose_explanation`), from its record."""
-    return pipeline.state["stages"]["distill"]["explanation"]
+    """The explanation the distillation stage chose (:func:`_choose_explanation`)."""
+    if pipeline.explanation is None:
+        raise RuntimeError("no explanation was chosen: the distillation stage chooses it.")
+    return pipeline.explanation
 
 
 def _explain_settings(pipeline: Pipeline, entry: ModelEntry) -> dict[str, Any]:
