@@ -18,7 +18,7 @@ from monai_kdx.handlers import BestWeights, TrainingStop, check_stopping
 from monai_kdx.networks import ShallowCNN
 
 
-def _run(tmp_path, max_epochs=6, budget=None, patience=None, sleep=0.0, spatial_dims=2):
+def _run(tmp_path, max_epochs=6, budget=None, patience=None, sleep=0.0, spatial_dims=2, min_epochs=1):
     torch.manual_seed(0)
     network = ShallowCNN(spatial_dims, 1, 2, channels=(4,), hidden=0)
     data = [{"image": torch.randn(4, 1, *[8] * spatial_dims), "label": torch.tensor([0, 1, 0, 1])}]
@@ -37,7 +37,7 @@ def _run(tmp_path, max_epochs=6, budget=None, patience=None, sleep=0.0, spatial_
     if sleep:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: time.sleep(sleep))
     # the accuracy never improves (lr 0): a patience stops training `patience` epochs after the first
-    budget_handler = TrainingStop(patience, budget, evaluator, str(tmp_path / "training.json"))
+    budget_handler = TrainingStop(patience, budget, evaluator, str(tmp_path / "training.json"), min_epochs)
     budget_handler.attach(trainer)
     trainer.run()
     return trainer, json.loads((tmp_path / "training.json").read_text())
@@ -63,6 +63,16 @@ def test_the_budget_stops_when_the_next_epoch_would_not_fit(tmp_path):
     assert report["seconds"] <= 0.35 and report["budget_seconds"] == 0.35
 
 
+def test_the_budget_stops_training_only_after_the_fewest_epochs(tmp_path):
+    """A budget spent by the first epoch still lets ``min_epochs`` run (then stops: the reason is the budget); the
+    cap stops training earlier than that."""
+    trainer, report = _run(tmp_path, max_epochs=50, budget=0.01, sleep=0.05, min_epochs=4)
+    assert report["stop_reason"] == "budget" and report["epochs_run"] == 4 and report["min_epochs"] == 4
+    assert report["seconds"] > 0.01  # overran: the fewest epochs come first
+    trainer, report = _run(tmp_path, max_epochs=2, budget=0.01, sleep=0.05, min_epochs=4)
+    assert report["stop_reason"] == "cap" and report["epochs_run"] == 2
+
+
 def test_bad_stopping_settings_are_refused():
     for bad in (0, -1, True):
         with pytest.raises(ValueError, match="time budget must be a positive number"):
@@ -73,6 +83,10 @@ def test_bad_stopping_settings_are_refused():
         check_stopping(5, 9)
     with pytest.raises(ValueError, match="max_epochs .* must be an integer >= 1"):
         check_stopping(0, None)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="min_epochs .* must be an integer >= 1"):
+            TrainingStop(seconds=10, min_epochs=bad)
+    check_stopping(2, None, None, min_epochs=4)  # more than the cap: the cap stops training first
     check_stopping(5, None, 30.0)
 
 

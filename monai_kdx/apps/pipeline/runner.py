@@ -76,10 +76,6 @@ estimating the epochs and the explain stage before any work, take about 15 s mor
 BUDGET_SHARES = {"teacher": 0.36, "distill": 0.22, "prune": 0.08, "saliency": 0.09}
 """How the training stages share the time left once the explain stage's time is kept aside
 (:meth:`Pipeline.explain_reserve`); a stage that stops early on a plateau leaves its time to the next ones."""
-MIN_EPOCHS = 3
-"""The fewest epochs' time (estimated before any work) a training stage gets when the budget is spent (a machine
-slower than the budget assumes): one epoch of saliency fine-tuning cut the brain student from 0.925 to 0.487 test
-accuracy on a machine 2.3x slower than usual; the job then ends after its budget."""
 EXPLAIN_OVERHEAD = (0.04, 45.0)
 """The explain stage's seconds besides its explanations and faithfulness curves (:meth:`Pipeline.estimate_explain`),
 as (seconds per case and model, seconds): reading a case, saving its maps, scoring them; starting the four bundle
@@ -260,7 +256,6 @@ class Pipeline:
         self._reserve: float | None = None  # seconds kept for the explain stage (estimate_explain)
         self._reserved_at = -math.inf  # when it was measured (time.perf_counter)
         self._choice: dict[str, Any] | None = None  # the explanation this run's distillation stage chose
-        self._epoch_seconds: dict[str, float] = {}  # stage -> one epoch, estimated before any work (check_budget)
         self._stage_start: float | None = None  # when the running stage started (its time counts as spent)
 
     # --- state -----------------------------------------------------------------------------------
@@ -428,7 +423,8 @@ class Pipeline:
 
         Its share (:data:`BUDGET_SHARES`) among the training stages left of the time left, the explain stage's
         :attr:`explain_reserve` kept aside (the time of completed stages, from ``pipeline.json``, and of the running
-        one is spent); at least :data:`MIN_EPOCHS` estimated epochs of it (:meth:`check_budget`), and 1 s.
+        one is spent); at least 1 s. When it is spent (a machine slower than the budget assumes) the stage still
+        trains the bundles' ``min_epochs`` epochs, and the job ends after its budget.
 
         Returns:
             The seconds; None without a budget, or for the explain stage, which is not cut short.
@@ -440,8 +436,7 @@ class Pipeline:
             spent += time.perf_counter() - self._stage_start
         left = self.training_stages[self.training_stages.index(stage) :]
         available = self.time_budget - spent - self.explain_reserve
-        floor = MIN_EPOCHS * self._epoch_seconds.get(stage, 0.0)
-        return max(available * BUDGET_SHARES[stage] / sum(BUDGET_SHARES[s] for s in left), floor, 1.0)
+        return max(available * BUDGET_SHARES[stage] / sum(BUDGET_SHARES[s] for s in left), 1.0)
 
     def check_budget(self, stages: Sequence[str]) -> dict[str, float]:
         """Refuse, before any work, a budget that the explain stage's :attr:`explain_reserve` exhausts, or whose share
@@ -484,7 +479,6 @@ class Pipeline:
                     f"less than one epoch (about {estimates[stage]:.0f} s on this machine); raise the time budget "
                     "(--time-budget) or use smaller data."
                 )
-        self._epoch_seconds.update(estimates)
         return estimates
 
     def run_in(
