@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=None,
             help="seconds for the whole job: the explain stage's estimated time kept aside, the rest shared among "
-            "the training stages (default: 560, so the demo ends within 10 minutes on 2 CPU cores; none with --quick)",
+            "the training stages (default: 540, so the demo ends within 10 minutes on 2 CPU cores; none with --quick)",
         )
 
     compare = commands.add_parser(
