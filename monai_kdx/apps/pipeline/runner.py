@@ -468,12 +468,12 @@ class Pipeline:
             )
         kept = f" once about {reserve:.0f} s are kept for the explain stage" if reserve else ""
         total = sum(BUDGET_SHARES[stage] for stage in self.training_stages)
-        estimates = {}
+        workload, estimates = self.workload, {}
         for stage in stages:
             entry = next((entry for entry in self.models if entry.stage == stage), None)
             if entry is None:
                 continue
-            estimates[stage] = estimate_epoch_seconds(self.parser(entry.configs, stage), self.workload, entry.frozen)
+            estimates[stage] = estimate_epoch_seconds(self.parser(entry.configs, stage), workload, entry.frozen)
             share = available * BUDGET_SHARES[stage] / total
             if share < estimates[stage]:
                 raise ValueError(
@@ -589,10 +589,11 @@ class Pipeline:
         for relative in stage_outputs(stage):  # never pick up a file this run did not write
             if os.path.isfile(self.path(relative)):
                 os.remove(self.path(relative))
-        if stage in self.training_stages:
+        # the distillation stage measures and says its budget once it has chosen the explanation (in its time)
+        shows_budget = stage in self.training_stages and stage != "distill"
+        if shows_budget:
             self.measure_explain()  # against the machine's speed as the stage starts
-        # the distillation stage says its budget once it has chosen the explanation (in its time; the reserve changes)
-        budget = self.stage_budget(stage) if stage != "distill" else None
+        budget = self.stage_budget(stage) if shows_budget else None
         self.console.line(
             f"{stage}: {STAGE_TEXT[stage]}" + (f", at most {budget:.0f} s" if budget else "")
             + f" (log: {self.console.shown_path(stage)})"
