@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
@@ -74,9 +75,14 @@ def test_the_budget_stops_training_only_after_the_fewest_epochs(tmp_path):
 
 
 def test_bad_stopping_settings_are_refused():
-    for bad in (0, -1, True):
+    for bad in (0, -1, True, float("nan"), "600"):
         with pytest.raises(ValueError, match="time budget must be a positive number"):
             TrainingStop(seconds=bad)
+        with pytest.raises(ValueError, match="time budget must be a positive number"):
+            check_stopping(5, None, bad)
+    with pytest.raises(ValueError, match="patience must be an integer >= 1"):
+        TrainingStop(patience=0, validator=object())
+    check_stopping(None, 9, np.float32(2.5))  # no cap known (the handler's case): any patience; numpy numbers
     with pytest.raises(ValueError, match="patience needs the validator"):
         TrainingStop(patience=3)
     with pytest.raises(ValueError, match="patience 9 is larger than the epoch cap max_epochs 5"):

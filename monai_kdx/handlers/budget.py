@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import time
 from typing import Any
@@ -28,27 +29,36 @@ STOP_REASONS = ("plateau", "cap", "budget")
 
 
 def check_stopping(
-    max_epochs: int, patience: int | None, time_budget: float | None = None, min_epochs: int = 1
+    max_epochs: int | None, patience: int | None = None, time_budget: float | None = None, min_epochs: int = 1
 ) -> None:
     """Refuse stopping settings that cannot work, before any training: an epoch cap below 1, a patience below 1
     or larger than the cap (the plateau could never stop training), a budget that is not a positive number, a
-    minimum of epochs below 1.
+    minimum of epochs below 1. The one check of these settings: the bundles, :class:`TrainingStop` and the main
+    job's ``--time-budget`` call it.
+
+    Args:
+        max_epochs: the epoch cap (``None``: not checked, e.g. a handler that does not know the trainer's cap).
+        patience: epochs without improvement before stopping (``None``: no plateau stop).
+        time_budget: seconds (``None``: no budget).
+        min_epochs: epochs before the budget may stop training.
 
     Raises:
         ValueError: naming the setting.
     """
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+    if max_epochs is not None and (isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1):
         raise ValueError(f"max_epochs (the epoch cap) must be an integer >= 1, got {max_epochs!r}.")
     if patience is not None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience must be an integer >= 1 (epochs without improvement), got {patience!r}.")
-        if patience > max_epochs:
+        if max_epochs is not None and patience > max_epochs:
             raise ValueError(
                 f"patience {patience} is larger than the epoch cap max_epochs {max_epochs}: the plateau could never "
                 "stop training; lower the patience or raise the cap."
             )
-    if time_budget is not None and (isinstance(time_budget, bool) or not float(time_budget) > 0):
-        raise ValueError(f"time_budget must be a positive number of seconds or null, got {time_budget!r}.")
+    if time_budget is not None and (not isinstance(time_budget, numbers.Real) or isinstance(time_budget, bool)
+                                    or not time_budget > 0):
+        raise ValueError(f"time_budget: the time budget must be a positive number of seconds or null, got "
+                         f"{time_budget!r}.")  # fmt: skip
     if isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or min_epochs < 1:
         raise ValueError(f"min_epochs (before the time budget may stop training) must be an integer >= 1, got "
                          f"{min_epochs!r}.")  # fmt: skip
@@ -94,11 +104,7 @@ class TrainingStop:
         report_path: str | None = None,
         min_epochs: int = 1,
     ) -> None:
-        check_stopping(1, None, None, min_epochs)
-        if seconds is not None and (isinstance(seconds, bool) or not float(seconds) > 0):
-            raise ValueError(f"the time budget must be a positive number of seconds, got {seconds!r}.")
-        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
-            raise ValueError(f"patience must be an integer >= 1, got {patience!r}.")
+        check_stopping(None, patience, seconds, min_epochs)
         if patience is not None and validator is None:
             raise ValueError("a patience needs the validator whose key metric it watches.")
         self.patience = patience

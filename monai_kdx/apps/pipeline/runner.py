@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from monai_kdx.apps.console import Console, key_metrics
-from monai_kdx.handlers import read_case_table
+from monai_kdx.handlers import check_stopping, read_case_table
 from monai_kdx.losses import SALIENCY_METHODS
 from monai_kdx.networks import build_network, load_weights, read_state_dict
 from monai_kdx.pruning import load_pruned
@@ -234,8 +234,7 @@ class Pipeline:
         bundle_path(bundle)  # an unknown bundle fails here
         if time_budget == "default":
             time_budget = None if quick else DEFAULT_TIME_BUDGET
-        if time_budget is not None and (isinstance(time_budget, bool) or not float(time_budget) > 0):
-            raise ValueError(f"the time budget must be a positive number of seconds, got {time_budget!r}.")
+        check_stopping(None, time_budget=time_budget)
         self.time_budget = None if time_budget is None else float(time_budget)
         self.output_dir = os.path.abspath(os.fspath(output_dir))
         self.bundle = bundle
