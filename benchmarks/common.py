@@ -46,6 +46,18 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def teacher_and_student(bundle: str = "brain_mri_3d") -> tuple[Any, Any]:
+    """The bundle's networks (its ``teacher_def`` and ``student_def``), freshly built with seed 0."""
+    import torch
+
+    from monai_kdx.apps.pipeline import bundle_parser
+    from monai_kdx.networks import build_network
+
+    torch.manual_seed(0)
+    parser = bundle_parser(bundle, ["train_teacher.yaml"])
+    return tuple(build_network(parser.get_parsed_content(key)) for key in ("teacher_def", "student_def"))
+
+
 def load_capability_benchmarks() -> None:
     """Import every ``benchmarks/bench_*.py`` module (their ``@benchmark`` functions register themselves)."""
     for module in sorted(HERE.glob("bench_*.py")):

@@ -28,7 +28,15 @@ from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from common import BENCHMARKS, RESULTS, benchmark, load_capability_benchmarks, one_torch_thread, set_results_dir
+from common import (
+    BENCHMARKS,
+    RESULTS,
+    benchmark,
+    load_capability_benchmarks,
+    one_torch_thread,
+    set_results_dir,
+    teacher_and_student,
+)
 
 from monai_kdx.networks import median_seconds
 
@@ -55,18 +63,6 @@ def import_time(quick: bool) -> dict[str, Any]:
     }
 
 
-def _teacher_and_student() -> tuple[Any, Any]:
-    """The brain_mri_3d bundle's networks (its teacher_def and student_def), freshly built."""
-    import torch
-
-    from monai_kdx.apps.pipeline import bundle_parser
-    from monai_kdx.networks import build_network
-
-    torch.manual_seed(0)
-    parser = bundle_parser("brain_mri_3d", ["train_teacher.yaml"])
-    return tuple(build_network(parser.get_parsed_content(key)) for key in ("teacher_def", "student_def"))
-
-
 @benchmark
 def teacher_throughput(quick: bool) -> dict[str, Any]:
     """Teacher training throughput (volumes/s) on the 3D brain MRI dataset, with the inference rate
@@ -79,7 +75,7 @@ def teacher_throughput(quick: bool) -> dict[str, Any]:
     samples = generate_dataset("brain-mri-3d", n=batch * 2, seed=0, spatial_size=size)
     images = torch.stack([torch.as_tensor(s.image)[None] for s in samples[:batch]]).float()
     labels = torch.tensor([s.label for s in samples[:batch]])
-    network, _ = _teacher_and_student()
+    network, _ = teacher_and_student()
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
     loss_function = torch.nn.CrossEntropyLoss()
 
@@ -126,7 +122,7 @@ def distillation_step(quick: bool) -> dict[str, Any]:
     from monai_kdx.losses import AttentionTransferLoss, DistillationLoss, KnowledgeDistillationLoss
 
     size, batch, repeats = (32, 2, 3) if quick else (64, 8, 7)
-    teacher, student = _teacher_and_student()
+    teacher, student = teacher_and_student()
     images = torch.randn(batch, 1, size, size, size)
     labels = torch.randint(0, 4, (batch,))
     loss = DistillationLoss(
@@ -217,7 +213,7 @@ def explanation_time(quick: bool) -> dict[str, Any]:
     from monai_kdx.explain import conv_layer_paths, stage_layers
 
     size, repeats = (32, 3) if quick else (64, 7)
-    teacher, student = _teacher_and_student()
+    teacher, student = teacher_and_student()
     image = torch.randn(1, 1, size, size, size)
     seconds, levels = {}, {}
     for name, network in (("teacher", teacher.eval()), ("student", student.eval())):
@@ -384,7 +380,7 @@ def distillation_accuracy(quick: bool) -> dict[str, Any]:
             checkpoint = os.path.join(ckpt_dir, CHECKPOINT_ROWS["test_accuracy_per_seed"])  # the best
             row["train_s_per_seed"][seed] = train.seconds
             if "params" not in row:  # size and speed: the architecture's, timed once on the first checkpoint
-                network = _teacher_and_student()[0 if name == "teacher" else 1]
+                network = teacher_and_student()[0 if name == "teacher" else 1]
                 load_weights(network, checkpoint).eval()
                 with torch.no_grad(), one_torch_thread():
                     row["inference_s"] = median_seconds(lambda network=network: network(image), 5)
