@@ -48,3 +48,20 @@ def test_distillation_accuracy_quick_runs_the_bundles_and_reports_both_checkpoin
         teacher, student = rows["teacher"]["explanation_s"][method], rows["kd_student"]["explanation_s"][method]
         assert min(teacher, student) > 0
         assert abs(result[f"ratio_teacher_to_student_{ratio}_time"] - teacher / student) < 1e-9
+
+
+def test_saliency_alignment_quick_trains_the_bundles_student_in_both_arms(tmp_path, subprocess_env):
+    """Both arms train the bundle's own student (the benchmark once loaded a different architecture) and are scored
+    with the saliency the guided arm was trained on (saliency_train.yaml's method and layers)."""
+    from monai_kdx.apps.pipeline import bundle_parser
+
+    result = run_quick("saliency_alignment", tmp_path, subprocess_env)
+    for bundle, run in result["runs"].items():
+        parser = bundle_parser(bundle, ["train_teacher.yaml", "saliency_train.yaml"])
+        assert run["student_def"] == parser.get_parsed_content("student_def")
+        assert run["guidance"]["saliency_method"] == parser.get_parsed_content("saliency_method")
+        for arm in ("plain", "guided"):
+            assert 0.0 <= run[arm]["accuracy"] <= 1.0 and run[arm]["kl"] > 0 and -1.0 <= run[arm]["cc"] <= 1.0
+        dims = 3 if "3d" in bundle else 2
+        assert result[f"ratio_kl_guided_to_plain_{dims}d"] == run["guided"]["kl"] / run["plain"]["kl"]
+    assert "| brain_mri_3d" in (tmp_path / "saliency_alignment.md").read_text()
