@@ -28,6 +28,11 @@ __all__ = ["STOP_REASONS", "BestWeights", "FinalEvaluation", "TrainingStop", "ch
 STOP_REASONS = ("plateau", "cap", "budget")
 
 
+def _is_count(value: Any) -> bool:
+    """An integer >= 1 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def check_stopping(
     max_epochs: int | None, patience: int | None = None, time_budget: float | None = None, min_epochs: int = 1
 ) -> None:
@@ -45,10 +50,10 @@ def check_stopping(
     Raises:
         ValueError: naming the setting.
     """
-    if max_epochs is not None and (isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1):
+    if max_epochs is not None and not _is_count(max_epochs):
         raise ValueError(f"max_epochs (the epoch cap) must be an integer >= 1, got {max_epochs!r}.")
     if patience is not None:
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        if not _is_count(patience):
             raise ValueError(f"patience must be an integer >= 1 (epochs without improvement), got {patience!r}.")
         if max_epochs is not None and patience > max_epochs:
             raise ValueError(
@@ -59,7 +64,7 @@ def check_stopping(
                                     or not time_budget > 0):
         raise ValueError(f"time_budget: the time budget must be a positive number of seconds or null, got "
                          f"{time_budget!r}.")  # fmt: skip
-    if isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or min_epochs < 1:
+    if not _is_count(min_epochs):
         raise ValueError(f"min_epochs (before the time budget may stop training) must be an integer >= 1, got "
                          f"{min_epochs!r}.")  # fmt: skip
 
