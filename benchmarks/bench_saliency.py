@@ -2,7 +2,7 @@
 saliency loss, on the gaze maps of the 2D and 3D datasets and on their shortcut variants, and the cost
 of a guided step. Training runs through the real bundles (train_teacher.yaml training the bundle's student for the
 plain arm, saliency_train.yaml for the guided arm); the saliency scored on the test split is the one the guided arm
-was trained on: saliency_train.yaml's method and layers (by default Grad-CAM fused over every stage) for the true
+was trained on: saliency_train.yaml's method and layers (by default LayerCAM fused over every stage) for the true
 class."""
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ QUICK = {"n_samples": 16, "spatial_size": 32, "max_epochs": 1, "patience": 1, "b
 SHORTCUT_P = 0.9
 
 
-def _student_and_guidance(bundle: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The bundle's student spec (``student_def``) and saliency_train.yaml's guidance settings."""
+def _student_and_guidance(bundle: str) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """The bundle's student spec (``student_def``), saliency_train.yaml's guidance settings and its saliency loss
+    (``saliency_loss``, a fresh object: its layers are resolved on first use)."""
     from monai_kdx.apps.pipeline import bundle_parser
 
     parser = bundle_parser(bundle, ["train_teacher.yaml", "saliency_train.yaml"])
-    return parser.get_parsed_content("student_def"), {key: parser.get_parsed_content(key) for key in GUIDANCE_KEYS}
+    guidance = {key: parser.get_parsed_content(key) for key in GUIDANCE_KEYS}
+    return parser.get_parsed_content("student_def"), guidance, parser.get_parsed_content("saliency_loss")
 
 
 def _test_split(datalist: str, spatial_dims: int) -> dict[str, Any]:
@@ -59,20 +61,19 @@ def _test_split(datalist: str, spatial_dims: int) -> dict[str, Any]:
     }
 
 
-def _evaluate(network: Any, test: dict[str, Any], guidance: dict[str, Any]) -> dict[str, float]:
-    """Test accuracy; KL / NSS / CC of the true class's guided saliency (``guidance``: saliency_train.yaml's method
-    at its layer, or fused over every stage) against the gaze (samples with gaze); the share of that saliency on
-    the shortcut marker (samples with a marker)."""
+def _evaluate(network: Any, test: dict[str, Any], loss: Any) -> dict[str, float]:
+    """Test accuracy; KL / NSS / CC of the true class's guided saliency (the CAM of saliency_train.yaml's ``loss``,
+    at its layers, fused) against the gaze (samples with gaze); the share of that saliency on the shortcut marker
+    (samples with a marker)."""
     import torch
 
     from monai_kdx.explain import HierarchicalCAM
     from monai_kdx.metrics import saliency_cc, saliency_kl, saliency_nss
 
-    layer = guidance["saliency_layer"]
-    layers = None if layer == "stages" else [layer] if isinstance(layer, str) else list(layer)
     with torch.no_grad():
         predictions = torch.cat([network(x).argmax(1) for x in test["image"].split(8)])
-    cam = HierarchicalCAM(network, layers, mode=guidance["saliency_method"])
+    loss.resolve_layers(network, test["image"][:1])  # "stages" or the deepest stage, as in training
+    cam = HierarchicalCAM(network, list(loss.layers), mode=loss.method)
     batches = zip(test["image"].split(8), test["label"].split(8), strict=True)
     maps = torch.cat([cam.cam(x, y).fused.detach() for x, y in batches])
     has_gaze = test["gaze"].flatten(1).amax(1) > 0
@@ -98,7 +99,7 @@ def _with_and_without(bundle: str, quick: bool, shortcut_p: float = 0.0) -> dict
     from monai_kdx.apps.pipeline import run_bundle
     from monai_kdx.networks import load_network
 
-    student_def, guidance = _student_and_guidance(bundle)
+    student_def, guidance, loss = _student_and_guidance(bundle)
     settings: dict[str, Any] = dict(QUICK) if quick else {}
     result: dict[str, Any] = {"student_def": student_def, "guidance": guidance}
     with tempfile.TemporaryDirectory() as folder:
@@ -115,10 +116,10 @@ def _with_and_without(bundle: str, quick: bool, shortcut_p: float = 0.0) -> dict
         }
         for name, (configs, extra) in arms.items():
             run_bundle(bundle, configs, ["train#trainer"], **settings, **extra, run_name=f"train_{name}")
-            checkpoint = os.path.join(folder, "plain" if name == "plain" else "saliency", "model.pt")
-            network = load_network(student_def, checkpoint)
-            test = _test_split(os.path.join(folder, "data", "datalist.json"), BUNDLES[bundle])
-            result[name] = _evaluate(network.eval(), test, guidance)
+        test = _test_split(os.path.join(folder, "data", "datalist.json"), BUNDLES[bundle])
+        for name, checkpoint_dir in (("plain", "plain"), ("guided", "saliency")):
+            network = load_network(student_def, os.path.join(folder, checkpoint_dir, "model.pt"))
+            result[name] = _evaluate(network.eval(), test, loss)
         result["settings"] = {k: v for k, v in settings.items() if k not in ("output_dir", "dataset_dir")}
         result["test_samples"] = int(len(test["label"]))
     return result
@@ -179,7 +180,7 @@ def saliency_step(quick: bool) -> dict[str, Any]:
     from monai_kdx.losses import GAINLoss, RightForTheRightReasonsLoss, SaliencyAlignmentLoss
     from monai_kdx.networks import build_network
 
-    student_def, guidance = _student_and_guidance("brain_mri_3d")
+    student_def, guidance, default = _student_and_guidance("brain_mri_3d")
     size, batch, repeats = (32, 2, 3) if quick else (64, 8, 7)
     generator = torch.Generator().manual_seed(0)
     data = {
@@ -187,9 +188,6 @@ def saliency_step(quick: bool) -> dict[str, Any]:
         "label": torch.arange(batch) % 4,
         "gaze": torch.rand(batch, 1, size, size, size, generator=generator),
     }
-    default = SaliencyAlignmentLoss(
-        guidance["saliency_layer"], method=guidance["saliency_method"], divergence=guidance["saliency_divergence"]
-    )
     losses = {
         "plain": None,
         "default": default,
